@@ -1,0 +1,3 @@
+from pkstrace.cli import main
+
+raise SystemExit(main())
