@@ -180,7 +180,7 @@ def normalize(columns: dict[str, Any] | pd.DataFrame) -> pd.DataFrame:
             v = None
         if c.dtype == "kind":
             if v is None:
-                v = np.full(n, "", dtype=object)
+                v = pd.Categorical.from_codes(np.full(n, -1, dtype=np.int8), dtype=KIND_DTYPE)
             if not (isinstance(getattr(v, "dtype", None), pd.CategoricalDtype)
                     and v.dtype == KIND_DTYPE):
                 raw = np.asarray(v, dtype=object)
