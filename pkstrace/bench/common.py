@@ -1,0 +1,237 @@
+"""Helpers shared by the benchmarks: host facts, git revision, CPU pinning, spinners.
+
+Nothing here imports pandas or plotly; the benchmarks run on a quiet Python.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import mmap
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pkstrace.errors import InputError, KernelFeatureError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def host_facts() -> dict[str, Any]:
+    """The host facts stored with every benchmark result (TraceMeta.host keys)."""
+    try:
+        from pkstrace.backends import hostfacts
+    except ImportError:
+        hostfacts = None
+    if hostfacts is not None and hasattr(hostfacts, "collect"):
+        return dict(hostfacts.collect())
+    return _minimal_host_facts()
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _minimal_host_facts() -> dict[str, Any]:
+    # Stand-in until pkstrace.backends.hostfacts lands; same keys as TraceMeta.host.
+    from pkstrace.schema import parse_cpulist
+
+    model, flags = "", []
+    for line in _read("/proc/cpuinfo").splitlines():
+        key, _, val = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not model:
+            model = val.strip()
+        elif key == "flags" and not flags:
+            flags = val.split()
+    return {
+        "hostname": platform.node(),
+        "kernel": platform.release(),
+        "cpu_model": model,
+        "cpu_flags": flags,
+        "online_cpus": parse_cpulist(_read("/sys/devices/system/cpu/online")),
+        "isolated_cpus": parse_cpulist(_read("/sys/devices/system/cpu/isolated")),
+        "nohz_full_cpus": parse_cpulist(_read("/sys/devices/system/cpu/nohz_full")),
+        "pks": "pks" in flags,
+        "virtualised": "hypervisor" in flags,
+        "emulated": False,
+    }
+
+
+def git_revision() -> str:
+    """`git describe --always --dirty` of the source tree, or "" outside a checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip()
+
+
+def percentiles(samples: np.ndarray) -> dict[str, float]:
+    """p50/p90/p99 of a sample array (ns), as plain floats."""
+    if len(samples) == 0:
+        return {"p50_ns": float("nan"), "p90_ns": float("nan"), "p99_ns": float("nan")}
+    p50, p90, p99 = np.percentile(samples, [50, 90, 99])
+    return {"p50_ns": float(p50), "p90_ns": float(p90), "p99_ns": float(p99)}
+
+
+def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
+    """Write JSON to ``path`` through a temporary file, so a crash leaves no half file."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"cannot write {path}: directory {parent} does not exist")
+    if path.is_dir():
+        raise InputError(f"cannot write {path}: it is a directory")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"cannot write {path}: directory {parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def pinned(cpu: int) -> Iterator[None]:
+    """Run the calling thread on ``cpu`` only, restoring its affinity afterwards."""
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError as e:
+        raise InputError(f"cannot run on CPU {cpu}: {e.strerror}") from None
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+# A process that spins on one CPU, so that CPU is busy (not idle) when called.
+_SPIN_PROCESS_SRC = (
+    "import os, sys\n"
+    "os.sched_setaffinity(0, {int(sys.argv[1])})\n"
+    "sys.stdout.write('spinning\\n'); sys.stdout.flush()\n"
+    "while True:\n"
+    "    pass\n"
+)
+
+
+@contextlib.contextmanager
+def spinning_process(cpu: int) -> Iterator[int]:
+    """A child process spinning on ``cpu``; killed on exit (also on Ctrl-C / errors)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SPIN_PROCESS_SRC, str(cpu)],
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )
+    try:
+        # Wait until it is pinned and running, so the first samples see a busy CPU.
+        if proc.stdout is None or proc.stdout.readline() != b"spinning\n":
+            raise KernelFeatureError(f"could not start a spinning process on CPU {cpu}")
+        time.sleep(0.02)
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+# x86-64 machine code for `while (*flag == 0) pause;` -- a spin loop that runs
+# without holding Python's GIL (ctypes releases it around foreign calls), so a
+# thread of *this* process occupies a CPU without slowing the measuring thread.
+#   f3 90   pause
+#   8b 07   mov eax, [rdi]
+#   85 c0   test eax, eax
+#   74 f8   jz -8 (back to pause)
+#   c3      ret
+_SPIN_UNTIL_FLAG_X86_64 = bytes([0xF3, 0x90, 0x8B, 0x07, 0x85, 0xC0, 0x74, 0xF8, 0xC3])
+
+
+class SpinningThreads:
+    """Threads of this process spinning on given CPUs, GIL released, until stopped.
+
+    ``membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`` interrupts exactly the CPUs
+    that are running a thread of the calling process; these threads put one there.
+    """
+
+    def __init__(self, cpus: list[int]) -> None:
+        if platform.machine() not in ("x86_64", "AMD64"):
+            raise KernelFeatureError("spinning threads need x86-64 (their loop is x86 code)")
+        self.cpus = list(cpus)
+        self._code = mmap.mmap(-1, mmap.PAGESIZE,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        self._code.write(_SPIN_UNTIL_FLAG_X86_64)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(self._code))
+        self._spin = ctypes.CFUNCTYPE(None, ctypes.POINTER(ctypes.c_int))(addr)
+        self._stop = ctypes.c_int(0)
+        self._started: list[threading.Event] = []
+        self._threads: list[threading.Thread] = []
+
+    def _run(self, cpu: int, started: threading.Event) -> None:
+        try:
+            os.sched_setaffinity(0, {cpu})
+        finally:
+            started.set()
+        self._spin(ctypes.byref(self._stop))
+
+    def __enter__(self) -> SpinningThreads:
+        try:
+            for cpu in self.cpus:
+                ev = threading.Event()
+                t = threading.Thread(target=self._run, args=(cpu, ev), daemon=True,
+                                     name=f"spin-cpu{cpu}")
+                t.start()
+                self._started.append(ev)
+                self._threads.append(t)
+            for ev in self._started:
+                ev.wait(5)
+            time.sleep(0.02)  # let each reach its CPU and enter the loop
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.value = 1
+        for t in self._threads:
+            t.join()
+        self._threads.clear()
+        # The mapping stays alive with the object: a late thread must never jump
+        # into unmapped memory.

@@ -1,0 +1,115 @@
+"""`pkstrace bench`: what cross-CPU calls cost on this host, and what tracing them costs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "measure cross-CPU call cost (ipi) and the tracer's own overhead (overhead)"
+DESCRIPTION = """\
+Benchmarks on the live host (root).
+
+  ipi       round trip of a synchronous cross-CPU call (16-byte pread of
+            /dev/cpu/N/cpuid runs smp_call_function_single) from each CPU to
+            each other CPU, target idle and busy, the local baseline, and a
+            serial walk over N CPUs against one membarrier broadcast. -o writes
+            the calibration file `pkstrace replay --calibration` reads.
+  overhead  the tracer's cost per event for each pkstrace backend and mode,
+            beside bpftrace count() and perf record on the same tracepoints:
+            kernel BPF accounting (run_time_ns / run_cnt) and workload slowdown.
+"""
+EXAMPLES = """\
+examples:
+  sudo pkstrace bench ipi                          # all CPUs, 2000 calls per measurement
+  sudo pkstrace bench ipi --cpus 0-3 -o calib.json --html ipi.html
+  pkstrace replay trace.pkstrace --calibration calib.json
+  sudo pkstrace bench overhead                     # every tracer, 5 runs each
+  sudo pkstrace bench overhead --tracers untraced,bpftrace,perf --runs 3 -o overhead.json
+"""
+
+
+def _cpulist(text: str) -> list[int]:
+    from pkstrace.schema import parse_cpulist
+
+    try:
+        cpus = parse_cpulist(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not cpus:
+        raise argparse.ArgumentTypeError("empty CPU list")
+    return cpus
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {n}")
+    return n
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench_command", metavar="BENCH")
+    sub.required = True
+    ipi = sub.add_parser(
+        "ipi", help="cost of a synchronous cross-CPU call; serial walk vs broadcast",
+        description="Round trip of smp_call_function_single between each pair of CPUs "
+        "(target idle / busy), the local baseline, and a global update done as a serial "
+        "walk vs one membarrier broadcast, for 1..ncpu-1 target CPUs.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ipi.add_argument("--cpus", type=_cpulist, default=None, metavar="LIST",
+                     help="CPUs to measure, e.g. 0-3,6 (default: all this process may use)")
+    ipi.add_argument("--iterations", "-n", type=_positive_int, default=2000, metavar="N",
+                     help="calls per measurement (default 2000)")
+    ipi.add_argument("--warmup", type=int, default=50, metavar="N",
+                     help="calls discarded before each measurement (default 50)")
+    ipi.add_argument("-o", "--output", metavar="FILE",
+                     help="write the calibration JSON (samples, percentiles, host facts)")
+    ipi.add_argument("--html", metavar="FILE", help="write a small self-contained plotly report")
+    ipi.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    ipi.set_defaults(_bench=_run_ipi)
+
+
+def _check_writable(path: str | None) -> None:
+    """Fail on a bad output path before minutes of measuring, not after."""
+    if path is None:
+        return
+    from pathlib import Path
+
+    from pkstrace.errors import InputError
+
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"cannot write {p}: directory {parent} does not exist")
+    if p.is_dir():
+        raise InputError(f"cannot write {p}: it is a directory")
+
+
+def _run_ipi(args: argparse.Namespace) -> int:
+    from pkstrace.bench import ipi
+    from pkstrace.bench.common import write_json_atomic, write_text_atomic
+
+    _check_writable(args.output)
+    _check_writable(args.html)
+
+    def progress(msg: str) -> None:
+        if not args.quiet:
+            print(f"bench ipi: {msg}", file=sys.stderr, flush=True)
+
+    doc = ipi.run(cpus=args.cpus, iterations=args.iterations, warmup=max(0, args.warmup),
+                  progress=progress)
+    print(ipi.format_table(doc))
+    if args.output:
+        write_json_atomic(args.output, doc)
+        print(f"wrote {args.output}", file=sys.stderr)
+    if args.html:
+        write_text_atomic(args.html, ipi.render_html(doc))
+        print(f"wrote {args.html}", file=sys.stderr)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(args._bench(args))
