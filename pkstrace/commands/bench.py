@@ -71,6 +71,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ipi.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     ipi.set_defaults(_bench=_run_ipi)
 
+    ov = sub.add_parser(
+        "overhead", help="tracer cost per event: pkstrace backends vs bpftrace and perf",
+        description="Runs one workload of synchronous cross-CPU calls (about ten tracepoint "
+        "hits per call) untraced and under each tracer: every pkstrace backend and mode, "
+        "bpftrace count() and perf record -a on the same tracepoints. Measures BPF "
+        "programs' run_time_ns/run_cnt (kernel accounting) and the workload's slowdown "
+        "(ns/event, ratio to untraced; medians), lost events, and the issue's targets.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ov.add_argument("--tracers", default=None, metavar="LIST",
+                    help="comma-separated subset of: untraced, bpftrace, perf, tracefs, "
+                    "pkstrace-perf, bcc-events, bcc-counts (default: all)")
+    ov.add_argument("--runs", type=_positive_int, default=5, metavar="N",
+                    help="slowdown runs per tracer (default 5)")
+    ov.add_argument("--bpf-runs", type=int, default=3, metavar="N",
+                    help="runs per BPF tracer with kernel BPF accounting on (default 3)")
+    ov.add_argument("--calls", type=_positive_int, default=50_000, metavar="N",
+                    help="cross-CPU calls per workload run (default 50000)")
+    ov.add_argument("--source-cpu", type=int, default=0, metavar="CPU",
+                    help="CPU the workload runs on (default 0)")
+    ov.add_argument("--target-cpu", type=int, default=1, metavar="CPU",
+                    help="CPU the workload calls (default 1)")
+    ov.add_argument("--timeout", type=float, default=600, metavar="SECONDS",
+                    help="give up on one traced run after this long (default 600)")
+    ov.add_argument("-o", "--output", metavar="FILE", help="write the result JSON")
+    ov.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    ov.set_defaults(_bench=_run_overhead)
+
 
 def _check_writable(path: str | None) -> None:
     """Fail on a bad output path before minutes of measuring, not after."""
@@ -108,6 +135,30 @@ def _run_ipi(args: argparse.Namespace) -> int:
     if args.html:
         write_text_atomic(args.html, ipi.render_html(doc))
         print(f"wrote {args.html}", file=sys.stderr)
+    return 0
+
+
+def _run_overhead(args: argparse.Namespace) -> int:
+    from pkstrace.bench import overhead
+    from pkstrace.bench.common import write_json_atomic
+
+    _check_writable(args.output)
+    tracers = None
+    if args.tracers:
+        tracers = overhead.select_tracers([k.strip() for k in args.tracers.split(",")
+                                           if k.strip()])
+
+    def progress(msg: str) -> None:
+        if not args.quiet:
+            print(f"bench overhead: {msg}", file=sys.stderr, flush=True)
+
+    doc = overhead.run(tracers=tracers, runs=args.runs, bpf_runs=max(0, args.bpf_runs),
+                       calls=args.calls, source_cpu=args.source_cpu,
+                       target_cpu=args.target_cpu, timeout_s=args.timeout, progress=progress)
+    print(overhead.format_table(doc))
+    if args.output:
+        write_json_atomic(args.output, doc)
+        print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
 
