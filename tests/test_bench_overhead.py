@@ -1,0 +1,145 @@
+"""`pkstrace bench overhead` in a tiny mode: runs real tracers, output well-formed and plausible.
+
+Not a timed test: bounds only catch nonsense (a stats counter that did not run,
+a unit error), and that the tracers detach and the BPF statistics switch back off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pkstrace.bench import overhead
+from pkstrace.errors import InputError
+
+TEN_MS = 10_000_000
+STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
+
+
+def _pkstrace(*argv: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pkstrace", *argv],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _bpf_prog_ids() -> set[int]:
+    out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, text=True,
+                         check=True).stdout
+    return {p["id"] for p in json.loads(out)}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("needs root: attaches bpftrace and perf to the running kernel")
+    if not os.path.exists("/dev/cpu/1/cpuid"):
+        pytest.skip("needs /dev/cpu/1/cpuid (CONFIG_X86_CPUID and a second CPU)")
+    missing = [t for t in ("bpftrace", "perf", "bpftool") if not shutil.which(t)]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (scripts/apt-packages.txt)")
+    out = tmp_path_factory.mktemp("overhead") / "overhead.json"
+    sysctl_before = STATS_SYSCTL.read_text()
+    res = _pkstrace("bench", "overhead", "--tracers", "untraced,bpftrace,perf", "--runs", "1",
+                    "--bpf-runs", "1", "--calls", "500", "-o", str(out), "-q")
+    return res, out, sysctl_before
+
+
+def test_runs_and_writes_well_formed_json(tiny_run):
+    res, out, _ = tiny_run
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(out.read_text())
+    assert overhead.validate(doc) == []
+    names = [r["name"] for r in doc["tracers"]]
+    assert names == ["untraced", "bpftrace count()", "perf record"]
+    assert all(r["available"] and not r["errors"] for r in doc["tracers"])
+    assert "msr:write_msr" in doc["tracepoints"] and "csd:csd_queue_cpu" in doc["tracepoints"]
+    assert doc["host"]["online_cpus"]
+
+
+def test_values_are_plausible(tiny_run):
+    _, out, _ = tiny_run
+    doc = json.loads(out.read_text())
+    rows = {r["key"]: r for r in doc["tracers"]}
+    base = rows["untraced"]["slowdown"]["ns_per_call_p50"]
+    assert 0 < base < TEN_MS
+    bt = rows["bpftrace"]
+    # Kernel accounting ran: bpftrace's programs counted events and time.
+    assert bt["bpf_stats"]["progs"] >= 3
+    assert 0 < bt["bpf_stats"]["ns_per_event_p50"] < TEN_MS
+    # Each call fires at least csd_queue, csd entry and exit, and an ICR write.
+    assert doc["workload"]["events_per_call"] >= 4
+    for key in ("bpftrace", "perf"):
+        s = rows[key]["slowdown"]
+        assert 0 < s["ns_per_call_p50"] < TEN_MS
+        assert s["ratio_to_untraced"] > 0
+        assert rows[key]["events_runs"] and min(rows[key]["events_runs"]) >= 4 * 500
+        assert rows[key]["lost_total"] is not None
+    assert any(t["target"].startswith("pkstrace counts mode") for t in doc["targets"])
+
+
+def test_table_printed(tiny_run):
+    res, _, _ = tiny_run
+    assert "bpftrace count()" in res.stdout and "ns/call" in res.stdout
+    assert "target" in res.stdout
+
+
+def test_leaves_kernel_as_found(tiny_run):
+    _, _, sysctl_before = tiny_run
+    assert STATS_SYSCTL.read_text() == sysctl_before
+    # No bpftrace program left: none of the tracer's processes survive the run.
+    leftover = subprocess.run(["pgrep", "-f", "pkstrace.bench.overhead --workload"],
+                              capture_output=True, text=True).stdout.strip()
+    assert leftover == ""
+
+
+def test_stats_context_counts_and_switches_off(require_root):
+    """Inside the context BPF programs accumulate run time; the sysctl is untouched."""
+    if not shutil.which("bpftrace"):
+        pytest.skip("needs bpftrace to load a BPF program")
+    before = STATS_SYSCTL.read_text()
+    ids_before = _bpf_prog_ids()
+    prog = "tracepoint:sched:sched_switch { @ = count(); }"
+    with overhead.bpf_run_time_stats() as how:
+        proc = subprocess.Popen(["bpftrace", "-e", prog, "-c", "/bin/sleep 1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            line = proc.stdout.readline()
+            assert line.startswith("Attaching")
+            deadline = time.monotonic() + 10
+            stats: dict[int, tuple[int, int]] = {}
+            while time.monotonic() < deadline and not any(c for _, c in stats.values()):
+                time.sleep(0.1)
+                stats = overhead.bpf_prog_stats(proc.pid)
+        finally:
+            proc.communicate(timeout=30)
+    assert how
+    assert stats and all(t > 0 for t, c in stats.values() if c > 0)
+    assert STATS_SYSCTL.read_text() == before
+    assert _bpf_prog_ids() - ids_before == set()
+
+
+def test_unknown_tracer_is_one_line_error():
+    with pytest.raises(InputError, match="unknown tracer"):
+        overhead.select_tracers(["untraced", "dtrace"])
+    res = _pkstrace("bench", "overhead", "--tracers", "dtrace", "-q")
+    assert res.returncode == 2
+    assert res.stderr.startswith("pkstrace bench: error:") and "Traceback" not in res.stderr
+
+
+def test_same_cpu_rejected(require_root):
+    res = _pkstrace("bench", "overhead", "--source-cpu", "1", "--target-cpu", "1", "-q")
+    assert res.returncode == 2 and "must differ" in res.stderr
+
+
+def test_bpftrace_output_parsing():
+    text = ("Attaching 3 probes...\n\n\n@[tracepoint:msr:write_msr, 1]: 19359\n"
+            "@[tracepoint:msr:write_msr, 0]: 5\n@[tracepoint:csd:csd_queue_cpu, 0]: 7\n")
+    o = overhead._bpftrace_outcome(text)
+    assert o.events == 19371
+    assert o.detail["per_probe"] == {"msr:write_msr": 19364, "csd:csd_queue_cpu": 7}
