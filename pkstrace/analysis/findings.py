@@ -23,22 +23,24 @@ JSON_SCHEMA_VERSION = 1
 COUNTS_COLUMNS = ["cpu", "kind", "msr", "count"]  # msr: MSR number or None
 # Per-CPU activity over time for heatmaps: events per (time bin, cpu, series)
 # series: "msr_write", "csd_queue_in" (calls arriving on cpu), "ipi_in", "write_pkrs", ...
+# (as built by analysis/counts.py: "msr_write", "write_pkrs", "csd_in" (calls arriving
+# on cpu), "ipi_in" (IPIs sent to cpu), "csd_out" (calls cpu queued for others))
 ACTIVITY_COLUMNS = ["bin_start_ns", "cpu", "series", "count"]
 
 REDUNDANT_BY_CPU_MSR_COLUMNS = ["cpu", "msr", "msr_name", "writes", "redundant"]
 REDUNDANT_BY_TASK_COLUMNS = ["comm", "callsite", "msr", "msr_name", "writes", "redundant"]
-WRITE_PKRS_COLUMNS = ["cpu", "calls", "cache_hits", "msr_writes"]
+WRITE_PKRS_COLUMNS = ["cpu", "calls", "cache_hits", "msr_writes", "pkrs_msr_writes"]
 
 # One row per matched cross-CPU call.
 CALLS_COLUMNS = [
     "queue_ns", "entry_ns", "exit_ns", "source_cpu", "target_cpu", "func", "callsite",
-    "comm", "pid", "local", "latency_ns", "handler_ns", "target_idle",
+    "comm", "pid", "local", "latency_ns", "handler_ns", "target_idle", "episode",
 ]
 LATENCY_TABLE_COLUMNS = ["count", "p50_ns", "p90_ns", "p99_ns", "max_ns", "mean_ns"]
 
 EPISODE_COLUMNS = [
     "episode", "start_ns", "end_ns", "source_cpu", "pid", "comm", "func", "callsite",
-    "mode", "targets", "target_cpus", "stall_ns", "latency_sum_ns",
+    "mode", "targets", "target_cpus", "stall_ns", "latency_sum_ns", "calls",
 ]
 PROJECTION_COLUMNS = ["cpus", "design", "p50_stall_ns", "p99_stall_ns", "source"]
 
@@ -116,6 +118,8 @@ class Findings:
             "schema_version": JSON_SCHEMA_VERSION,
             "trace": _clean(self.trace),
             "counts": records(self.counts),
+            "activity": {"bin_ns": int(self.activity_bin_ns),
+                         "rows": records(self.activity)},
             "findings": {
                 "isolation_violations": records(self.violations),
                 "redundant_msr_writes": {

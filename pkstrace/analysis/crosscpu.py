@@ -1,0 +1,204 @@
+"""Family 3: cross-CPU function calls, matched queue -> entry -> exit.
+
+Matching (all vectorised):
+
+1. Take every csd_queue, csd_entry and csd_exit in time order. On equal
+   timestamps (text traces have microseconds) a queue sorts before an entry and an
+   entry before an exit.
+2. Key each event by (CPU the function runs on, csd token, func): the queue's
+   ``target_cpu``, the entry's / exit's own ``cpu``. A csd is locked while pending,
+   so for one key the kernel produces queue, entry, exit, queue, entry, exit ... even
+   when the token is reused (a serial walk reuses its on-stack csd for every CPU).
+3. A call is *matched* when, within its key's sequence, a queue is immediately
+   followed by an entry; the entry's handler is timed when the entry is immediately
+   followed by an exit. Anything else is counted, never paired: a queue whose entry
+   fell after the window or was lost (``unmatched_queue``), an entry whose queue fell
+   before the window or was lost (``unmatched_entry``), an exit without its entry
+   (``unmatched_exit``). Where a CPU lost events, the loss breaks the alternation and
+   the halves around it stay unmatched instead of being paired across the gap.
+4. Entries with csd 0 (``csd=(nil)``) are calls a CPU ran for itself: ``local``.
+   Nested local calls of the same func on one CPU would pair the inner entry with
+   the first exit (the outer entry stays unmatched): rare, and counted.
+
+Latency = entry - queue (delivery); handler = exit - entry. ``target_idle``: the
+target CPU ran the idle task (pid 0) at queue time, by the last sched_switch on it;
+where no sched_switch for that CPU precedes the queue, by the entry's pid being 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pkstrace import schema
+from pkstrace.analysis.findings import CALLS_COLUMNS
+from pkstrace.analysis.prep import (
+    KIND_CODE,
+    Prepared,
+    asof_prev,
+    dense_key,
+    latency_table,
+    percentiles,
+    prev_next_in_group,
+)
+
+
+@dataclass
+class CrossCpu:
+    calls: pd.DataFrame  # CALLS_COLUMNS + "episode" (filled by episodes)
+    # One row per csd_queue (matched or not): what episodes, drift and isolation use.
+    queues: pd.DataFrame
+    # Remote entries with no queue (queue lost or before the window).
+    orphan_entries: pd.DataFrame
+    summary: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+
+def _cat(p: Prepared, name: str, rows: np.ndarray) -> pd.Categorical:
+    """A string column's values at ``rows``, kept categorical (cheap for millions of calls)."""
+    codes, cats = p.codes(name)
+    return pd.Categorical.from_codes(codes[rows].astype(np.int32), categories=cats)
+
+
+def cross_cpu(p: Prepared) -> CrossCpu:
+    sub = p.rows(schema.Kind.CSD_QUEUE, schema.Kind.CSD_ENTRY, schema.Kind.CSD_EXIT)
+    k = p.kind[sub]
+    rank = np.where(k == KIND_CODE["csd_queue"], 0,
+                    np.where(k == KIND_CODE["csd_entry"], 1, 2)).astype(np.int64)
+    ts_all = p.col("ts")
+    ts = ts_all[sub]
+    if len(sub) > 1:
+        inverted = (np.diff(ts) == 0) & (np.diff(rank) < 0)
+        if inverted.any():
+            order = np.argsort((ts - ts[0]) * 4 + rank, kind="stable")
+            sub, k, rank, ts = sub[order], k[order], rank[order], ts[order]
+    cpu_all = p.col("cpu")
+    csd = p.col("csd")[sub]
+    func_codes, _ = p.codes("func")
+    is_q, is_e, is_x = rank == 0, rank == 1, rank == 2
+    run_cpu = np.where(is_q, p.col("target_cpu")[sub], cpu_all[sub]).astype(np.int64)
+    key = dense_key(run_cpu, csd, func_codes[sub].astype(np.int64))
+    prev, nxt = prev_next_in_group(key)
+    has_nxt, has_prev = nxt >= 0, prev >= 0
+    nxt_c, prev_c = np.where(has_nxt, nxt, 0), np.where(has_prev, prev, 0)
+    q_matched = is_q & has_nxt & is_e[nxt_c]
+    e_from_q = is_e & has_prev & is_q[prev_c]
+    e_exit = is_e & has_nxt & is_x[nxt_c]
+    x_from_e = is_x & has_prev & is_e[prev_c]
+    local = is_e & (csd == 0)
+    orphan = is_e & (csd != 0) & ~e_from_q
+
+    # --- calls: matched remote entries and local entries
+    ent = np.flatnonzero(e_from_q | local)
+    e_rows = sub[ent]
+    q_pos = np.where(e_from_q[ent], prev_c[ent], -1)
+    x_pos = np.where(e_exit[ent], nxt_c[ent], -1)
+    is_remote = q_pos >= 0
+    q_rows = np.where(is_remote, sub[np.maximum(q_pos, 0)], e_rows)  # local: itself
+    x_rows = np.where(x_pos >= 0, sub[np.maximum(x_pos, 0)], -1)
+    entry_ns = ts_all[e_rows]
+    queue_ns = np.where(is_remote, ts_all[q_rows], -1)
+    exit_ns = np.where(x_rows >= 0, ts_all[np.maximum(x_rows, 0)], -1)
+    latency = np.where(is_remote, (entry_ns - queue_ns).astype(np.float64), np.nan)
+    handler = np.where(x_rows >= 0, (exit_ns - entry_ns).astype(np.float64), np.nan)
+    target_cpu = cpu_all[e_rows].astype(np.int64)
+    source_cpu = cpu_all[q_rows].astype(np.int64)
+    pid_all = p.col("pid")
+    # target idle at queue time
+    ss = p.rows(schema.Kind.SCHED_SWITCH)
+    last_ss = asof_prev(target_cpu, q_rows, cpu_all[ss].astype(np.int64), ss, p.n)
+    idle_by_ss = p.col("next_pid")[ss[np.maximum(last_ss, 0)]] == 0 if len(ss) else \
+        np.zeros(len(e_rows), dtype=bool)
+    target_idle = np.where(last_ss >= 0, idle_by_ss, pid_all[e_rows] == 0) & is_remote
+    callsite = _cat(p, "callsite", q_rows)
+    if (~is_remote).any():
+        # a local call has no callsite of its own (csd_function_entry carries none)
+        callsite = callsite.add_categories([""]) if "" not in callsite.categories else callsite
+        callsite[~is_remote] = ""
+    calls = pd.DataFrame({
+        "queue_ns": queue_ns.astype(np.int64),
+        "entry_ns": entry_ns.astype(np.int64),
+        "exit_ns": exit_ns.astype(np.int64),
+        "source_cpu": source_cpu,
+        "target_cpu": target_cpu,
+        "func": _cat(p, "func", e_rows),
+        "callsite": callsite,
+        "comm": _cat(p, "comm", q_rows),
+        "pid": pid_all[q_rows].astype(np.int64),
+        "local": ~is_remote,
+        "latency_ns": latency,
+        "handler_ns": handler,
+        "target_idle": target_idle,
+        "episode": np.full(len(e_rows), -1, dtype=np.int64),
+        # internal: rows in the events table (not part of the JSON)
+        "_queue_row": np.where(is_remote, q_rows, -1),
+        "_entry_row": e_rows,
+        "_exit_row": x_rows,
+    })
+
+    # --- queues (matched or not), for episodes / drift / isolation
+    qi = np.flatnonzero(is_q)
+    qr = sub[qi]
+    q_e = np.where(q_matched[qi], sub[nxt_c[qi]], -1)
+    q_e_pos = np.where(q_matched[qi], nxt_c[qi], 0)
+    q_x = np.where(q_matched[qi] & e_exit[q_e_pos], sub[nxt_c[q_e_pos]], -1)
+    q_entry_ns = np.where(q_e >= 0, ts_all[np.maximum(q_e, 0)], -1)
+    q_exit_ns = np.where(q_x >= 0, ts_all[np.maximum(q_x, 0)], -1)
+    q_ts = ts_all[qr]
+    queues = pd.DataFrame({
+        "row": qr, "ts": q_ts, "source_cpu": cpu_all[qr].astype(np.int64),
+        "target_cpu": p.col("target_cpu")[qr].astype(np.int64),
+        "pid": pid_all[qr].astype(np.int64),
+        "comm_code": p.codes("comm")[0][qr].astype(np.int64),
+        "callsite_code": p.codes("callsite")[0][qr].astype(np.int64),
+        "func_code": func_codes[qr].astype(np.int64),
+        "depth": p.col("preempt_depth")[qr].astype(np.int64),
+        "entry_row": q_e, "exit_row": q_x,
+        "entry_ns": q_entry_ns, "exit_ns": q_exit_ns,
+        "done_ns": np.where(q_x >= 0, q_exit_ns, np.where(q_e >= 0, q_entry_ns, q_ts)),
+    })
+    orow = sub[np.flatnonzero(orphan)]
+    orphan_entries = pd.DataFrame({
+        "row": orow, "ts": ts_all[orow], "cpu": cpu_all[orow].astype(np.int64),
+        "pid": pid_all[orow].astype(np.int64),
+        "func_code": func_codes[orow].astype(np.int64)})
+
+    remote = calls[~calls["local"]]
+    lat = remote["latency_ns"].to_numpy()
+    summary: dict[str, Any] = {
+        "count": int(len(calls)),
+        "remote": int(len(remote)),
+        "local": int(calls["local"].sum()),
+        "unmatched_queue": int((is_q & ~q_matched).sum()),
+        "unmatched_entry": int(orphan.sum()),
+        "unmatched_exit": int((is_x & ~x_from_e).sum()),
+        **percentiles(lat),
+    }
+    h = percentiles(remote["handler_ns"].to_numpy())
+    summary["handler_p50_ns"], summary["handler_p99_ns"] = h["p50_ns"], h["p99_ns"]
+    idle = remote["target_idle"].to_numpy()
+    summary["count_idle"] = int(idle.sum())
+    summary["p50_idle_ns"] = percentiles(lat[idle])["p50_ns"]
+    summary["count_busy"] = int((~idle).sum())
+    summary["p50_busy_ns"] = percentiles(lat[~idle])["p50_ns"]
+    lost = {int(c): int(v) for c, v in p.meta.lost_events.items() if int(v) > 0}
+    summary["cpus_with_lost_events"] = sorted(lost)
+
+    tables = {
+        "per_target_cpu": latency_table(remote, ["target_cpu"], "latency_ns"),
+        "per_func": latency_table(remote, ["func"], "latency_ns"),
+        "per_callsite": latency_table(remote, ["callsite"], "latency_ns"),
+        "per_source_target": latency_table(remote, ["source_cpu", "target_cpu"], "latency_ns"),
+    }
+    return CrossCpu(calls=calls, queues=queues, orphan_entries=orphan_entries,
+                    summary=summary, tables=tables)
+
+
+def public_calls(calls: pd.DataFrame) -> pd.DataFrame:
+    """The calls table as findings carry it (internal row columns dropped)."""
+    cols = [c for c in CALLS_COLUMNS if c in calls.columns]
+    extra = [c for c in calls.columns if c not in cols and not c.startswith("_")]
+    return calls[cols + extra]

@@ -1,0 +1,227 @@
+"""The events table made ready for analysis, and the vectorised helpers every family shares.
+
+:class:`Prepared` holds the events sorted by timestamp (stably: events with equal
+timestamps keep their order in the source, which is right within one CPU) with a
+RangeIndex, so that *row number* is a total order that is correct per CPU. Most
+families work on row numbers, not timestamps: "the last event on this CPU before
+that one" is then exact even where a text trace has microsecond timestamps.
+
+Everything here is numpy over columns; loops run over CPUs or categories, never
+over events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from pkstrace import schema
+
+# Columns the analysis reads; `pkstrace replay` reads only these from a trace file.
+ANALYSIS_COLUMNS: tuple[str, ...] = (
+    "ts", "cpu", "pid", "comm", "kind", "preempt_depth", "msr", "value", "failed",
+    "target_cpu", "cpumask", "callsite", "func", "csd",
+    "next_pid",
+)
+
+KIND_CODE: dict[str, int] = {k: i for i, k in enumerate(schema.KINDS)}
+
+
+def _as_kind_codes(col: pd.Series) -> np.ndarray:
+    """kind column -> int8 codes into schema.KINDS (recoding a file's own dictionary)."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        cats = [str(c) for c in col.cat.categories]
+        codes = col.cat.codes.to_numpy()
+        if cats == list(schema.KINDS)[: len(cats)]:
+            return codes.astype(np.int8, copy=False)
+        lut = np.array([KIND_CODE.get(c, -1) for c in cats] + [-1], dtype=np.int8)
+        return lut[codes]  # code -1 indexes the trailing -1
+    return pd.Categorical(col.astype(object), dtype=schema.KIND_DTYPE).codes.astype(np.int8)
+
+
+@dataclass
+class Prepared:
+    """Events sorted by ts (stable), RangeIndex; columns as numpy arrays on demand."""
+
+    ev: pd.DataFrame
+    meta: schema.TraceMeta
+    kind: np.ndarray  # int8 codes into schema.KINDS
+    n: int
+    notes: list[str] = field(default_factory=list)
+    _cache: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def col(self, name: str) -> np.ndarray:
+        """A numeric column as a numpy array (NA sentinel if the table lacks it)."""
+        a = self._cache.get(name)
+        if a is None:
+            if name in self.ev.columns:
+                a = self.ev[name].to_numpy()
+            else:
+                c = schema.column(name)
+                a = np.full(self.n, c.na, dtype=c.dtype)
+            self._cache[name] = a
+        return a
+
+    def codes(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """A string column as (codes, categories); code -1 = missing."""
+        key = "codes:" + name
+        if key not in self._cache:
+            if name in self.ev.columns:
+                s = self.ev[name]
+                if not isinstance(s.dtype, pd.CategoricalDtype):
+                    s = s.astype("category")
+                codes = s.cat.codes.to_numpy()
+                cats = np.asarray(s.cat.categories.astype(str), dtype=object)
+            else:
+                codes = np.full(self.n, -1, dtype=np.int8)
+                cats = np.array([], dtype=object)
+            self._cache[key] = codes
+            self._cache["cats:" + name] = cats
+        return self._cache[key], self._cache["cats:" + name]
+
+    def strings(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """The string values of ``rows`` (object array; "" where missing)."""
+        codes, cats = self.codes(name)
+        lut = np.append(cats, "").astype(object)
+        return lut[codes[rows]]
+
+    def rows(self, *kinds: schema.Kind | str) -> np.ndarray:
+        """Row numbers of events of the given kinds, in time order."""
+        if len(kinds) == 1:
+            return np.flatnonzero(self.kind == KIND_CODE[str(kinds[0])])
+        mask = np.zeros(self.n, dtype=bool)
+        for k in kinds:
+            mask |= self.kind == KIND_CODE[str(k)]
+        return np.flatnonzero(mask)
+
+
+def prepare(trace: schema.Trace) -> Prepared:
+    """Sort by timestamp (only if needed: files are usually sorted) and index by row."""
+    ev = trace.events
+    notes: list[str] = []
+    ts = ev["ts"].to_numpy()
+    if len(ts) > 1 and bool((ts[1:] < ts[:-1]).any()):
+        order = np.argsort(ts, kind="stable")
+        ev = ev.take(order)
+        notes.append("events were not in time order; sorted by timestamp (stable)")
+    if not isinstance(ev.index, pd.RangeIndex) or ev.index.start != 0 or ev.index.step != 1:
+        ev = ev.reset_index(drop=True)
+    kind = _as_kind_codes(ev["kind"])
+    return Prepared(ev=ev, meta=trace.meta, kind=kind, n=len(ev), notes=notes)
+
+
+# ---------------------------------------------------------------------------
+# Vectorised building blocks
+# ---------------------------------------------------------------------------
+
+def small_int(a: np.ndarray) -> np.ndarray:
+    """Narrow a non-negative small-valued int array so numpy's stable sort is a radix sort."""
+    if len(a) == 0:
+        return a.astype(np.int16)
+    lo, hi = int(a.min()), int(a.max())
+    if lo >= 0 and hi < 1 << 15:
+        return a.astype(np.int16, copy=False)
+    return a
+
+
+def group_order(keys: np.ndarray) -> np.ndarray:
+    """Stable order grouping equal keys; within a group the input order is kept."""
+    return np.argsort(small_int(keys), kind="stable")
+
+
+def asof_prev(left_group: np.ndarray, left_row: np.ndarray, right_group: np.ndarray,
+              right_row: np.ndarray, n: int, inclusive: bool = False) -> np.ndarray:
+    """For each left event, the position in ``right_*`` of the last right event of the
+    same group with a smaller row number (``<=`` if inclusive); -1 where none.
+
+    Rows are positions in the time-sorted table, so this is "the latest event of
+    that kind on that CPU before this one", exact even on equal timestamps.
+    """
+    if len(left_row) == 0:
+        return np.zeros(0, dtype=np.int64)
+    if len(right_row) == 0:
+        return np.full(len(left_row), -1, dtype=np.int64)
+    order = group_order(right_group)
+    rk = right_group[order].astype(np.int64) * (n + 1) + right_row[order]
+    lk = left_group.astype(np.int64) * (n + 1) + left_row
+    pos = np.searchsorted(rk, lk, side="right" if inclusive else "left") - 1
+    ok = pos >= 0
+    found = np.full(len(left_row), -1, dtype=np.int64)
+    cand = order[np.where(ok, pos, 0)]
+    ok &= right_group[cand] == left_group
+    found[ok] = cand[ok]
+    return found
+
+
+def prev_next_in_group(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Position of the previous / next element with the same key (-1 where none).
+
+    Elements are taken in their given order (time order); uses a stable sort by key.
+    """
+    m = len(keys)
+    prev = np.full(m, -1, dtype=np.int64)
+    nxt = np.full(m, -1, dtype=np.int64)
+    if m < 2:
+        return prev, nxt
+    order = group_order(keys)
+    ks = keys[order]
+    same = ks[1:] == ks[:-1]
+    prev[order[1:][same]] = order[:-1][same]
+    nxt[order[:-1][same]] = order[1:][same]
+    return prev, nxt
+
+
+def dense_key(*parts: np.ndarray) -> np.ndarray:
+    """Combine integer columns into one exact int64 key (factorising each part)."""
+    key = np.zeros(len(parts[0]), dtype=np.int64)
+    for p in parts:
+        codes, uniq = pd.factorize(p, sort=False)
+        key = key * max(len(uniq), 1) + codes
+    return key
+
+
+def latency_table(df: pd.DataFrame, keys: list[str], col: str) -> pd.DataFrame:
+    """Percentiles of ``col`` per group: keys + findings.LATENCY_TABLE_COLUMNS."""
+    from pkstrace.analysis.findings import LATENCY_TABLE_COLUMNS
+
+    d = df[[*keys, col]].dropna(subset=[col])
+    if len(d) == 0:
+        return pd.DataFrame({c: pd.Series([], dtype=object)
+                             for c in [*keys, *LATENCY_TABLE_COLUMNS]})
+    g = d.groupby(keys, observed=True, sort=True)[col]
+    out = g.quantile([0.5, 0.9, 0.99]).unstack()
+    out.columns = ["p50_ns", "p90_ns", "p99_ns"]
+    out["count"] = g.size()
+    out["max_ns"] = g.max()
+    out["mean_ns"] = g.mean()
+    out = out.reset_index()
+    for c in ("p50_ns", "p90_ns", "p99_ns", "max_ns", "mean_ns"):
+        out[c] = out[c].round().astype(np.int64)
+    out["count"] = out["count"].astype(np.int64)
+    out = out.sort_values("count", ascending=False, kind="stable").reset_index(drop=True)
+    return out[[*keys, *LATENCY_TABLE_COLUMNS]]
+
+
+def percentiles(values: np.ndarray) -> dict[str, int | None]:
+    v = values[~np.isnan(values)] if values.dtype.kind == "f" else values
+    if len(v) == 0:
+        return {"p50_ns": None, "p90_ns": None, "p99_ns": None, "max_ns": None, "mean_ns": None}
+    p50, p90, p99 = np.percentile(v, [50, 90, 99])
+    return {"p50_ns": int(round(p50)), "p90_ns": int(round(p90)), "p99_ns": int(round(p99)),
+            "max_ns": int(v.max()), "mean_ns": int(round(float(v.mean())))}
+
+
+def enclosing_handler(p: Prepared, rows: np.ndarray) -> np.ndarray:
+    """For events at ``rows``: the row of the csd_function_entry whose handler they ran
+    in (the last csd entry/exit on that CPU before them is an entry), else -1."""
+    from pkstrace import schema as _schema
+
+    hx = p.rows(_schema.Kind.CSD_ENTRY, _schema.Kind.CSD_EXIT)
+    cpu = p.col("cpu").astype(np.int64)
+    last = asof_prev(cpu[rows], rows, cpu[hx], hx, p.n)
+    cand = hx[np.maximum(last, 0)]
+    inside = (last >= 0) & (p.kind[cand] == KIND_CODE["csd_entry"]) if len(hx) else \
+        np.zeros(len(rows), dtype=bool)
+    return np.where(inside, cand, -1)
