@@ -1,0 +1,366 @@
+"""What this host allows: the checks behind `pkstrace doctor` and record's errors.
+
+Each check says ok / missing / info, why, and the exact command that fixes a
+missing item. The BPF checks really load a two-instruction program through the
+bpf() syscall (no compiler needed): bcc's ``support_kfunc()`` answers from the
+BTF file alone and says yes on kernels that then refuse every fentry program.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import glob
+import os
+import platform
+import shutil
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from pkstrace.backends import hostfacts
+from pkstrace.backends.tracefs import DEFAULT_EVENTS, find_tracefs, leftovers
+
+OK, MISSING, INFO = "ok", "missing", "info"
+MOUNT_TRACEFS = "mount -t tracefs nodev /sys/kernel/tracing"
+BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
+
+# Fixes for tracepoints a kernel may lack (they arrived in these versions).
+TRACEPOINT_FIX = {
+    "csd": "needs Linux >= 6.3 (csd tracepoints); on older kernels use a kprobe-capable "
+           "kernel (CONFIG_KPROBES=y)",
+    "ipi": "needs Linux >= 6.3 (ipi_send_cpu / ipi_send_cpumask)",
+    "msr": "needs CONFIG_TRACEPOINTS=y on x86 (msr tracepoints)",
+    "irq_vectors": "needs CONFIG_X86_LOCAL_APIC and CONFIG_TRACEPOINTS",
+    "sched": "needs CONFIG_TRACEPOINTS=y",
+}
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok / missing / info
+    detail: str = ""
+    fix: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status != MISSING
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "detail": self.detail, "fix": self.fix}
+
+
+# ---------------------------------------------------------------------------
+# bpf() syscall: load a trivial program of a given type
+# ---------------------------------------------------------------------------
+SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
+BPF_PROG_LOAD = 5
+BPF_PROG_TYPE_TRACEPOINT = 5
+BPF_PROG_TYPE_TRACING = 26
+BPF_TRACE_FENTRY = 24
+# r0 = 0; exit
+_RET0 = struct.pack("<BBhi", 0xB7, 0, 0, 0) + struct.pack("<BBhi", 0x95, 0, 0, 0)
+
+
+def bpf_prog_load(prog_type: int, expected_attach_type: int = 0, attach_btf_id: int = 0) -> int:
+    """Load `r0 = 0; exit` as ``prog_type``; returns 0 or the errno (fd closed at once)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    insns = ctypes.create_string_buffer(_RET0, len(_RET0))
+    lic = ctypes.create_string_buffer(b"GPL")
+    attr = ctypes.create_string_buffer(128)
+    struct.pack_into("<IIQQ", attr, 0, prog_type, 2, ctypes.addressof(insns),
+                     ctypes.addressof(lic))
+    struct.pack_into("<I", attr, 68, expected_attach_type)
+    struct.pack_into("<I", attr, 108, attach_btf_id)
+    fd = libc.syscall(SYS_BPF, BPF_PROG_LOAD, attr, 128)
+    if fd < 0:
+        return ctypes.get_errno() or errno.EINVAL
+    os.close(fd)
+    return 0
+
+
+# BTF kinds -> bytes that follow a btf_type (per vlen where marked).
+_BTF_EXTRA = {1: (4, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8), 13: (0, 8),
+              14: (4, 0), 15: (0, 12), 17: (4, 0), 19: (0, 12)}
+
+
+def btf_func_id(name: str, path: str = BTF_VMLINUX) -> int:
+    """BTF type id of the FUNC ``name`` in vmlinux BTF (0 if absent)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return 0
+    magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from(
+        "<HBBIIIII", data, 0)
+    if magic != 0xEB9F:
+        return 0
+    strs = data[hdr_len + str_off: hdr_len + str_off + str_len]
+    pos = strs.find(b"\0" + name.encode() + b"\0")
+    if pos < 0:
+        return 0
+    want = pos + 1
+    p, end, tid = hdr_len + type_off, hdr_len + type_off + type_len, 0
+    unpack = struct.unpack_from
+    while p < end:
+        tid += 1
+        name_off, info, _ = unpack("<III", data, p)
+        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+        if kind == 12 and name_off == want:
+            return tid
+        fixed, per = _BTF_EXTRA.get(kind, (0, 0))
+        p += 12 + fixed + per * vlen
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# The checks
+# ---------------------------------------------------------------------------
+
+def check_root() -> Check:
+    if os.geteuid() == 0:
+        return Check("root", OK, "running as root")
+    return Check("root", MISSING, "attaching to the kernel needs root (CAP_BPF, CAP_PERFMON, "
+                 "CAP_SYS_ADMIN)", "sudo pkstrace record ...")
+
+
+def check_tracefs(mount: bool = False) -> Check:
+    d = find_tracefs()
+    if not d and mount and os.geteuid() == 0:
+        os.system(MOUNT_TRACEFS + " >/dev/null 2>&1")
+        d = find_tracefs()
+        if d:
+            return Check("tracefs", OK, f"mounted it at {d}")
+    if d:
+        return Check("tracefs", OK, f"mounted at {d}")
+    return Check("tracefs", MISSING, "tracefs is not mounted", MOUNT_TRACEFS)
+
+
+def check_tracepoints(events: tuple[str, ...] = DEFAULT_EVENTS) -> list[Check]:
+    d = find_tracefs()
+    out = []
+    for ev in (*events, "msr:read_msr"):
+        sysname, _, name = ev.partition(":")
+        if not d:
+            out.append(Check(f"tracepoint {ev}", INFO, "unknown (tracefs not mounted)",
+                             MOUNT_TRACEFS))
+        elif os.path.isdir(f"{d}/events/{sysname}/{name}"):
+            out.append(Check(f"tracepoint {ev}", OK, "present"))
+        else:
+            out.append(Check(f"tracepoint {ev}", MISSING, "not in this kernel",
+                             TRACEPOINT_FIX.get(sysname, "")))
+    return out
+
+
+def kprobes_available() -> bool:
+    d = find_tracefs()
+    return bool(d and os.path.exists(f"{d}/kprobe_events"))
+
+
+def check_kprobes() -> Check:
+    if kprobes_available():
+        return Check("kprobes", OK, "kprobe_events present")
+    if not find_tracefs():
+        return Check("kprobes", INFO, "unknown (tracefs not mounted)", MOUNT_TRACEFS)
+    return Check("kprobes", MISSING, "kernel built without CONFIG_KPROBES: write_pkrs and the "
+                 "global update cannot be probed here",
+                 "boot a kernel with CONFIG_KPROBES=y, or use `pkstrace emulate`")
+
+
+def check_bpf() -> Check:
+    if os.geteuid() != 0:
+        return Check("BPF", INFO, "not checked (needs root)", "sudo pkstrace doctor")
+    err = bpf_prog_load(BPF_PROG_TYPE_TRACEPOINT)
+    if err == 0:
+        return Check("BPF", OK, "loaded a tracepoint BPF program")
+    return Check("BPF", MISSING, f"bpf(BPF_PROG_LOAD) failed: {os.strerror(err)}",
+                 "boot a kernel with CONFIG_BPF_SYSCALL=y and "
+                 "sysctl kernel.unprivileged_bpf_disabled irrelevant: run as root")
+
+
+def check_btf() -> Check:
+    if os.path.exists(BTF_VMLINUX):
+        return Check("BTF", OK, BTF_VMLINUX)
+    return Check("BTF", MISSING, "no kernel BTF (CONFIG_DEBUG_INFO_BTF off)",
+                 "boot a kernel with CONFIG_DEBUG_INFO_BTF=y (fentry needs it)")
+
+
+_FENTRY_CACHE: dict[str, tuple[bool, str]] = {}
+
+
+def fentry_allowed() -> tuple[bool, str]:
+    """Really load an fentry program (on a function every kernel has)."""
+    if "r" in _FENTRY_CACHE:
+        return _FENTRY_CACHE["r"]
+    if os.geteuid() != 0:
+        res = (False, "not checked (needs root)")
+    elif not os.path.exists(BTF_VMLINUX):
+        res = (False, "no kernel BTF")
+    else:
+        tid = btf_func_id("do_nanosleep") or btf_func_id("schedule")
+        if not tid:
+            res = (False, "no FUNC in vmlinux BTF to attach to")
+        else:
+            err = bpf_prog_load(BPF_PROG_TYPE_TRACING, BPF_TRACE_FENTRY, tid)
+            res = (True, "loaded an fentry program") if err == 0 else (
+                False, f"loading an fentry program fails: {errno.errorcode.get(err, err)} "
+                       f"(bcc's support_kfunc() may still say True)")
+    _FENTRY_CACHE["r"] = res
+    return res
+
+
+def check_fentry() -> Check:
+    ok, why = fentry_allowed()
+    if ok:
+        return Check("fentry", OK, why)
+    return Check("fentry", MISSING if "fails" in why else INFO, why,
+                 "kernel policy (lockdown / BPF LSM) forbids BPF tracing programs; "
+                 "tracepoints still work")
+
+
+def headers_dir() -> str:
+    return f"/lib/modules/{platform.release()}/build"
+
+
+def check_headers() -> Check:
+    d = headers_dir()
+    if os.path.isdir(d) and (os.path.exists(f"{d}/Makefile") or os.path.isdir(f"{d}/include")):
+        return Check("kernel headers (bcc)", OK, f"{d} -> {os.path.realpath(d)}")
+    hdrs = sorted(glob.glob("/usr/src/linux-headers-*-amd64"))
+    if hdrs:
+        h = hdrs[-1]
+        common = h[: -len("-amd64")] + "-common"
+        kdir = os.path.dirname(d)
+        return Check("kernel headers (bcc)", MISSING, f"{d} missing; {h} is installed",
+                     f"mkdir -p {kdir} && ln -sfn {h} {d} && ln -sfn {common} {kdir}/source")
+    return Check("kernel headers (bcc)", MISSING, f"{d} missing",
+                 "apt-get install linux-headers-amd64 && make setup")
+
+
+def bcc_importable() -> tuple[bool, str]:
+    try:
+        import bcc  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means unusable
+        return False, f"import bcc failed: {e}"
+    return True, "import bcc works"
+
+
+def check_bcc() -> Check:
+    ok, why = bcc_importable()
+    if ok:
+        return Check("bcc (python3-bpfcc)", OK, why)
+    return Check("bcc (python3-bpfcc)", MISSING, why,
+                 "apt-get install python3-bpfcc && make setup  "
+                 "(the venv must use --system-site-packages)")
+
+
+def perf_importable() -> tuple[bool, str]:
+    try:
+        import perf  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return False, f"import perf failed: {e}"
+    return True, "import perf works"
+
+
+def check_perf() -> Check:
+    ok, why = perf_importable()
+    if ok:
+        return Check("perf Python bindings", OK, why)
+    return Check("perf Python bindings", MISSING, why,
+                 "apt-get install linux-perf && make setup")
+
+
+def check_bpftool() -> Check:
+    p = shutil.which("bpftool") or (
+        "/usr/sbin/bpftool" if os.path.exists("/usr/sbin/bpftool") else None)
+    if p:
+        return Check("bpftool", OK, p)
+    return Check("bpftool", MISSING, "not installed (used to list leftover BPF programs)",
+                 "apt-get install bpftool")
+
+
+def check_kernel_functions(names: tuple[str, ...]) -> list[Check]:
+    from pkstrace.backends.symbols import function_names
+
+    syms = function_names()
+    out = []
+    for n in names:
+        if syms is None:
+            out.append(Check(f"function {n}", INFO, "unknown (/proc/kallsyms unreadable)"))
+        elif n in syms:
+            out.append(Check(f"function {n}", OK, "in /proc/kallsyms"))
+        else:
+            out.append(Check(f"function {n}", INFO,
+                             "absent: not a PKS kernel (probe reported as absent)",
+                             "use a kernel with the PKS series, or `pkstrace emulate`"))
+    return out
+
+
+def check_pks() -> Check:
+    if hostfacts.cpu_has_pks():
+        return Check("PKS in the CPU", OK, "cpu flag pks")
+    return Check("PKS in the CPU", INFO, "no 'pks' flag: no PKRS writes to see "
+                 "(default MSR filter: every MSR)",
+                 "use a PKS CPU (Sapphire Rapids+) or `pkstrace emulate` (QEMU -cpu max)")
+
+
+def check_isolated() -> Check:
+    iso = hostfacts.isolated_cpus()
+    nohz = hostfacts.nohz_full_cpus()
+    if iso or nohz:
+        return Check("isolated CPUs", OK,
+                     f"isolated {iso or '-'}, nohz_full {nohz or '-'}")
+    return Check("isolated CPUs", INFO, "none (isolation findings need some)",
+                 "boot with isolcpus=N nohz_full=N, pass --isolated LIST, or `pkstrace emulate`")
+
+
+def check_leftovers() -> Check:
+    dead = [f"{k} {n}" for k, n, _pid, alive in leftovers() if not alive]
+    if not dead:
+        return Check("leftovers of dead recorders", OK, "none")
+    return Check("leftovers of dead recorders", MISSING, ", ".join(dead[:4]),
+                 "pkstrace doctor --cleanup")
+
+
+def all_checks() -> list[Check]:
+    from pkstrace import schema
+
+    checks = [check_root(), check_tracefs(), check_bpf(), check_btf(), check_kprobes(),
+              check_fentry(), check_headers(), check_bcc(), check_perf(), check_bpftool()]
+    checks += check_tracepoints()
+    checks += check_kernel_functions((*schema.WRITE_PKRS_FUNCS, *schema.GLOBAL_UPDATE_FUNCS))
+    checks += [check_pks(), check_isolated(), check_leftovers()]
+    return checks
+
+
+# ---------------------------------------------------------------------------
+# Which backend can run here
+# ---------------------------------------------------------------------------
+
+def _first_missing(checks: list[Check]) -> Check | None:
+    for c in checks:
+        if c.status == MISSING:
+            return c
+    return None
+
+
+def explain(c: Check) -> str:
+    return f"{c.name}: {c.detail}" + (f" (fix: {c.fix})" if c.fix else "")
+
+
+def backend_problem(name: str) -> str:
+    """'' if backend ``name`` can run here, else one line saying why not and the fix."""
+    base = [check_root(), check_tracefs(mount=True)]
+    tps = [c for c in check_tracepoints(("csd:csd_queue_cpu", "csd:csd_function_entry",
+                                         "msr:write_msr"))]
+    if name == "tracefs":
+        c = _first_missing(base + tps)
+        return explain(c) if c else ""
+    if name == "perf":
+        c = _first_missing([base[0], check_perf(), base[1], *tps])
+        return explain(c) if c else ""
+    if name == "bcc":
+        c = _first_missing([base[0], check_bcc(), check_headers(), check_bpf(), base[1], *tps])
+        return explain(c) if c else ""
+    return f"unknown backend {name!r}"

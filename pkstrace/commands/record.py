@@ -1,0 +1,195 @@
+"""`pkstrace record`: trace this host's kernel live and analyse what it did."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from typing import Any
+
+HELP = "record PKRS/MSR writes and cross-CPU calls on this host (root)"
+DESCRIPTION = """\
+Record MSR writes (msr:write_msr), cross-CPU function calls (csd:*), IPIs,
+call-function interrupts and context switches on the running kernel, plus
+kprobes on write_pkrs / update_global_pkrs where the kernel has them. Writes a
+.pkstrace file and prints the same summary as `pkstrace replay`.
+
+Stops when the duration ends, on Ctrl-C or SIGTERM, or when COMMAND exits (its
+exit status becomes pkstrace's). Whatever stops it, every probe is detached,
+the private tracefs instance is removed, and the trace holds what was recorded.
+
+Backends: bcc (BPF, in-kernel counts and histograms with --mode counts), perf
+(perf's Python bindings), tracefs (pure Python). `auto` picks the first of
+bcc, perf, tracefs that can run here and says why; `pkstrace doctor` shows
+what this host allows."""
+DEFAULT_OUTPUT = "trace.pkstrace"
+EXAMPLES = f"""\
+examples:
+  sudo pkstrace record -d 10                  # 10 s, all CPUs, to ./{DEFAULT_OUTPUT}
+  sudo pkstrace record -o host.pkstrace -- ./my-test    # while a command runs
+  sudo pkstrace record --backend tracefs -d 5 --force   # pure-Python backend, overwrite
+  sudo pkstrace record --mode counts -d 60    # in-kernel counts + latency histograms (bcc)
+  sudo pkstrace record --msr 0x6e1,0x830 -d 5 # keep only these MSRs' writes
+  sudo pkstrace record --cpus 0-3 --isolated 2-3 -d 5   # events on CPUs 0-3; treat 2-3 as isolated
+  sudo pkstrace record --symbols my_update_pkrs -d 5    # also probe this global-update function
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-d", "--duration", type=float, default=0.0, metavar="SECONDS",
+                   help="stop after SECONDS (default: until Ctrl-C / COMMAND exits)")
+    p.add_argument("-o", "--output", default=DEFAULT_OUTPUT, metavar="FILE",
+                   help=f"trace file to write (default ./{DEFAULT_OUTPUT}; never overwritten "
+                   "without --force)")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite FILE if it exists")
+    p.add_argument("--backend", default="auto", choices=("auto", "bcc", "perf", "tracefs"),
+                   help="event source (default auto: bcc, else perf, else tracefs)")
+    p.add_argument("--mode", default="events", choices=("events", "counts"),
+                   help="events: every event into the trace; counts: per-CPU counts and "
+                   "log2 latency histograms kept in the kernel (bcc only)")
+    p.add_argument("--msr", default="", metavar="LIST",
+                   help="MSRs to record, e.g. 0x6e1,0x830, or 'all' (default: PKRS 0x6e1 "
+                   "where the CPU has PKS, else all)")
+    p.add_argument("--read-msr", action="store_true", help="also record msr:read_msr")
+    p.add_argument("--cpus", default="", metavar="LIST",
+                   help="record only events on these CPUs (default all)")
+    p.add_argument("--isolated", default=None, metavar="LIST",
+                   help="CPUs to treat as isolated in the analysis (default: the kernel's "
+                   "isolated and nohz_full sets)")
+    p.add_argument("--symbols", default="", metavar="LIST",
+                   help="more global-update functions to probe (comma-separated; "
+                   "prefix write: for write_pkrs-like ones)")
+    p.add_argument("--no-sched", action="store_true", help="do not record sched:sched_switch")
+    p.add_argument("--buffer-kb", type=int, default=8192, help="per-CPU buffer (tracefs)")
+    status = p.add_mutually_exclusive_group()
+    status.add_argument("--status", dest="status", action="store_true", default=None,
+                        help="live status line on stderr (default: when stderr is a tty)")
+    status.add_argument("--no-status", dest="status", action="store_false")
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary at the end")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                   help="command to run while recording")
+
+
+def _cpus(text: str, what: str) -> list[int]:
+    from pkstrace import schema
+    from pkstrace.errors import InputError
+
+    try:
+        return schema.parse_cpulist(text)
+    except ValueError as e:
+        raise InputError(f"{what}: {e}") from None
+
+
+def _msrs(text: str) -> list[int] | None:
+    from pkstrace.errors import InputError
+
+    text = text.strip().lower()
+    if not text:
+        return None
+    if text == "all":
+        return []
+    try:
+        return [int(x, 0) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--msr: bad MSR list {text!r} (want e.g. 0x6e1,0x830 or all)") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pkstrace import schema
+    from pkstrace.backends import checks, hostfacts, select
+    from pkstrace.backends.base import RecordOptions, plan_probes
+    from pkstrace.backends.symbols import function_names
+    from pkstrace.errors import InputError, PrivilegeError
+    from pkstrace.record import record
+
+    command = list(args.command or [])
+    if command and command[0] == "--":
+        command = command[1:]
+    if args.duration < 0:
+        raise InputError("--duration must be >= 0")
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise InputError(f"{out} exists (use --force to overwrite, or -o FILE)")
+    cpus = _cpus(args.cpus, "--cpus") or None
+    online = hostfacts.online_cpus()
+    if cpus and not set(cpus) <= set(online):
+        raise InputError(f"--cpus: CPUs {sorted(set(cpus) - set(online))} are not online "
+                         f"(online: {schema.format_cpulist(online)})")
+    opts = RecordOptions(msrs=_msrs(args.msr), read_msr=args.read_msr, cpus=cpus,
+                         symbols=[s.strip() for s in args.symbols.split(",") if s.strip()],
+                         sched_switch=not args.no_sched, mode=args.mode,
+                         buffer_kb=args.buffer_kb)
+    if os.geteuid() != 0:
+        c = checks.check_root()
+        raise PrivilegeError(f"{c.detail}; run: {c.fix}")
+    name, why = select.choose(args.backend, args.mode)
+
+    host = hostfacts.collect()
+    if args.isolated is not None:
+        iso = _cpus(args.isolated, "--isolated")
+        host["isolated_cpus"] = iso
+        host["nohz_full_cpus"] = []
+        host["isolated_source"] = "--isolated"
+    specs, absent = plan_probes(opts, function_names(), checks.kprobes_available(),
+                                bool(host.get("pks")))
+    meta = schema.TraceMeta(host=host)
+    meta.probes = [a.to_json() for a in absent]
+    meta.command = ["pkstrace", "record", *sys.argv[2:]] if sys.argv[1:2] == ["record"] \
+        else ["pkstrace", "record"]
+    meta.extra["record"] = {"backend_choice": why, "cpus": cpus or online,
+                            "msrs": list(opts.msrs) if opts.msrs is not None else None,
+                            "workload": command}
+    if opts.msrs is None:
+        meta.notes.append("MSR filter: " + ("PKRS (0x6e1)" if host.get("pks")
+                                            else "every MSR (this CPU has no PKS)"))
+    backend = select.create(name, specs, opts)
+    target = " -- " + shlex.join(command) if command else ""
+    print(f"pkstrace record: {why}", file=sys.stderr)
+    print(f"pkstrace record: recording to {out}{target}"
+          + ("" if command or args.duration else "; Ctrl-C to stop"), file=sys.stderr)
+
+    def on_attached(results: list[Any]) -> None:
+        by_reason: dict[str, list[str]] = {}
+        for r in [*absent, *results]:
+            if not r.attached:
+                by_reason.setdefault(r.reason, []).append(r.name)
+        for reason, names in by_reason.items():
+            print(f"pkstrace record: not attached ({reason}): {', '.join(names)}",
+                  file=sys.stderr)
+
+    res = record(backend, out, meta, duration=args.duration, command=command,
+                 force=args.force, status=args.status, on_attached=on_attached)
+    lost = sum(res.lost.values())
+    print(f"pkstrace record: {res.rows} events in {res.elapsed_s:.1f} s "
+          f"({res.stop_reason}), {lost} lost, written to {res.path}", file=sys.stderr)
+    if not args.quiet:
+        print_summary(res.path)
+    return res.exit_status
+
+
+def print_summary(path: Any) -> None:
+    """The same summary as `pkstrace replay` (falls back to counts without the analysis)."""
+    from pkstrace import tracefile
+
+    trace = tracefile.read_trace(path)
+    try:
+        from pkstrace.analysis import analyse
+        from pkstrace.reports.terminal import render
+    except ImportError:
+        from pkstrace.record import counts_table
+
+        print(counts_table(trace))
+        return
+    try:
+        findings = analyse(trace)
+    except ImportError:
+        from pkstrace.record import counts_table
+
+        print(counts_table(trace))
+        return
+    text = render(findings)
+    if text:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
