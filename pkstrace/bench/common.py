@@ -28,47 +28,16 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def host_facts() -> dict[str, Any]:
-    """The host facts stored with every benchmark result (TraceMeta.host keys)."""
-    try:
-        from pkstrace.backends import hostfacts
-    except ImportError:
-        hostfacts = None
-    if hostfacts is not None and hasattr(hostfacts, "collect"):
-        return dict(hostfacts.collect())
-    return _minimal_host_facts()
+    """The host facts stored with every benchmark result (TraceMeta.host keys).
 
+    The recorder's facts, plus ``virtualised`` (the CPU's ``hypervisor`` flag):
+    IPIs in a VM cost VM exits, which every latency here includes.
+    """
+    from pkstrace.backends import hostfacts
 
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return ""
-
-
-def _minimal_host_facts() -> dict[str, Any]:
-    # Stand-in until pkstrace.backends.hostfacts lands; same keys as TraceMeta.host.
-    from pkstrace.schema import parse_cpulist
-
-    model, flags = "", []
-    for line in _read("/proc/cpuinfo").splitlines():
-        key, _, val = line.partition(":")
-        key = key.strip()
-        if key == "model name" and not model:
-            model = val.strip()
-        elif key == "flags" and not flags:
-            flags = val.split()
-    return {
-        "hostname": platform.node(),
-        "kernel": platform.release(),
-        "cpu_model": model,
-        "cpu_flags": flags,
-        "online_cpus": parse_cpulist(_read("/sys/devices/system/cpu/online")),
-        "isolated_cpus": parse_cpulist(_read("/sys/devices/system/cpu/isolated")),
-        "nohz_full_cpus": parse_cpulist(_read("/sys/devices/system/cpu/nohz_full")),
-        "pks": "pks" in flags,
-        "virtualised": "hypervisor" in flags,
-        "emulated": False,
-    }
+    facts = dict(hostfacts.collect())
+    facts["virtualised"] = "hypervisor" in (facts.get("cpu_flags") or [])
+    return facts
 
 
 def git_revision() -> str:
