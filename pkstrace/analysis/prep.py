@@ -219,9 +219,10 @@ def enclosing_handler(p: Prepared, rows: np.ndarray) -> np.ndarray:
     from pkstrace import schema as _schema
 
     hx = p.rows(_schema.Kind.CSD_ENTRY, _schema.Kind.CSD_EXIT)
+    if len(hx) == 0:
+        return np.full(len(rows), -1, dtype=np.int64)
     cpu = p.col("cpu").astype(np.int64)
     last = asof_prev(cpu[rows], rows, cpu[hx], hx, p.n)
     cand = hx[np.maximum(last, 0)]
-    inside = (last >= 0) & (p.kind[cand] == KIND_CODE["csd_entry"]) if len(hx) else \
-        np.zeros(len(rows), dtype=bool)
+    inside = (last >= 0) & (p.kind[cand] == KIND_CODE["csd_entry"])
     return np.where(inside, cand, -1)
