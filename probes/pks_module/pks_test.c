@@ -46,6 +46,7 @@
 #include <linux/cpumask.h>
 #include <linux/debugfs.h>
 #include <linux/delay.h>
+#include <linux/hrtimer.h>
 #include <linux/kthread.h>
 #include <linux/ktime.h>
 #include <linux/module.h>
@@ -291,10 +292,19 @@ static void writer_round(void)
 }
 
 /*
- * Writers spin instead of sleeping: a sleeping writer on an isolated CPU
- * would be woken by an IPI, and the tracer would rightly call that an
- * isolation violation that the design under test did not cause.
+ * Writers poll with a short sleep on a timer pinned to their own CPU. A writer
+ * woken by another CPU would take an IPI, and on an isolated CPU the tracer
+ * would rightly call that an isolation violation the design did not cause; a
+ * spinning writer would steal the host's few cores from the other vCPUs (TCG).
  */
+static void writer_nap(void)
+{
+	ktime_t t = ns_to_ktime(200 * NSEC_PER_USEC);
+
+	set_current_state(TASK_INTERRUPTIBLE);
+	schedule_hrtimeout_range(&t, 100 * NSEC_PER_USEC, HRTIMER_MODE_REL_PINNED);
+}
+
 static int writer_fn(void *unused)
 {
 	int seen = 0;
@@ -303,8 +313,7 @@ static int writer_fn(void *unused)
 		int gen = atomic_read(&round_gen);
 
 		if (gen == seen) {
-			cpu_relax();
-			cond_resched();
+			writer_nap();
 			continue;
 		}
 		seen = gen;

@@ -1,0 +1,344 @@
+"""Scenarios and the whole emulated run: kernel -> module -> initramfs -> QEMU -> trace.
+
+Each scenario is one global-update design of the PKS test module
+(probes/pks_module/pks_test.c). A run boots a guest with N CPUs and the isolated
+CPUs asked for, records the scenario with the project's tracefs recorder inside
+the guest, and writes a .pkstrace whose metadata carries the guest's host facts,
+the scenario and the module's counters (``meta.ground_truth``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pkstrace.emulate import qemu
+from pkstrace.emulate.kernel import EmulateError, GuestKernel, cache_dir
+
+# What the guest records: PKRS writes, csd, ipi and sched_switch tracepoints, and
+# kprobes on the module's functions (signatures fixed in pks_test.c). Not the
+# irq_vectors ones: they sit in the call-function IPI entry that text patching
+# itself runs through, the spot where TCG shows stale int3s (qemu.TCG_INT3_RE);
+# csd_function_entry/exit carry the same timing.
+RECORD_EVENTS: tuple[str, ...] = (
+    "msr:write_msr",
+    "csd:csd_queue_cpu",
+    "csd:csd_function_entry",
+    "csd:csd_function_exit",
+    "ipi:ipi_send_cpu",
+    "ipi:ipi_send_cpumask",
+    "sched:sched_switch",
+)
+RECORD_KPROBES: tuple[str, ...] = (
+    "write_pkrs:write_pkrs new=%di:x32",
+    "update_global_pkrs:update_global_pkrs pkey=%di:s32 prot=%si:x64",
+)
+RECORD_MSR = "0x6e1"
+MAX_CPUS = 64
+ATTEMPTS = 3  # boots per run when TCG shows its stale-int3 artefact (qemu.TCG_INT3_RE)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    summary: str
+    detail: str
+    expect: str  # "ok" or "panic"
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario("v3", "the reviewed design: serial wrmsrl_on_cpu() walk, preempt imbalance",
+             "write_pkrs() uses get_cpu_ptr()/put_cpu_ptr(); update_global_pkrs() walks the "
+             "online CPUs, stores into each CPU's cache with per_cpu_ptr() + put_cpu_ptr() "
+             "(one preempt_enable() too many per CPU) and calls wrmsrl_on_cpu() on each in "
+             "turn. The walk starts with preempt_count_add(nr_cpus) of headroom so the guest "
+             "survives; the depth still falls by one per CPU in the trace. Writers run "
+             "between updates. Expect: remote calls = updates x (cpus-1), every isolated "
+             "CPU hit by every update, drift in every update.", "ok"),
+    Scenario("v3-race", "v3 with local writers running during the walk: lost updates",
+             "As v3, but the writer threads call write_pkrs() continuously while the walk "
+             "stores into their caches and rewrites their MSRs. Cache and MSR diverge; the "
+             "module counts stale cache hits and remote writes overwritten mid-call, the "
+             "analysis must find as many.", "ok"),
+    Scenario("v3-raw", "v3 without headroom: the preempt count goes negative (panic)",
+             "The v3 walk exactly as reviewed, with no compensation: the caller's preempt "
+             "count goes negative and the 6.12 guest panics within a millisecond. The panic "
+             "is the expected result; events recorded before it are kept (they leave the "
+             "guest as produced) and the console log is kept.", "panic"),
+    Scenario("broadcast", "one on_each_cpu_mask() per update; each CPU updates its own cache",
+             "update_global_pkrs() sends one broadcast to all online CPUs; the handler "
+             "writes the CPU's own cache and MSR. Expect: one broadcast per update, no drift, "
+             "no lost updates; isolated CPUs are still interrupted.", "ok"),
+    Scenario("lazy", "no IPIs: each CPU applies the new value at its next write_pkrs()",
+             "update_global_pkrs() bumps a generation number only; write_pkrs() sees it and "
+             "rewrites the MSR. Expect: zero remote calls and zero isolation violations "
+             "from the design (the tracer's own attach still patches text on every CPU).",
+             "ok"),
+    Scenario("housekeeping", "broadcast to housekeeping CPUs; isolated CPUs apply lazily",
+             "on_each_cpu_mask() to the online CPUs that are not isolated; isolated CPUs "
+             "pick the value up at their next write_pkrs(). Expect: no calls land on "
+             "isolated CPUs.", "ok"),
+)}
+
+
+@dataclass
+class RunOptions:
+    scenario: str
+    cpus: int = 4
+    isolated: str = ""
+    iterations: int = 10
+    threads: int = 3
+    output: Path = Path("emulated.pkstrace")
+    kernel: str | None = None  # --kernel DEB|BZIMAGE
+    timeout_s: float | None = None
+    mem_mb: int | None = None
+    force: bool = False
+
+
+@dataclass
+class RunResult:
+    output: Path | None
+    status: str  # qemu status, or "incomplete" when the guest did not report done
+    expected: str
+    console_log: Path
+    wall_s: float
+    ground_truth: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def as_expected(self) -> bool:
+        return self.status == self.expected
+
+
+def describe() -> str:
+    """Text for ``pkstrace emulate --list``."""
+    lines = []
+    for s in SCENARIOS.values():
+        lines.append(f"{s.name:<13} {s.summary}")
+        words, cur = s.detail.split(), "             "
+        for w in words:
+            if len(cur) + len(w) + 1 > 96:
+                lines.append(cur.rstrip())
+                cur = "              "
+            cur += " " + w
+        lines.append(cur.rstrip())
+        lines.append(f"{'':14}expected outcome: {s.expect}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def check_options(o: RunOptions) -> list[int]:
+    """Validate; return the isolated CPUs. Raises InputError with one line."""
+    from pkstrace.errors import InputError
+    from pkstrace.schema import parse_cpulist
+
+    if o.scenario not in SCENARIOS:
+        raise InputError(f"unknown scenario {o.scenario!r} (pkstrace emulate --list)")
+    if not 2 <= o.cpus <= MAX_CPUS:
+        raise InputError(f"--cpus must be between 2 and {MAX_CPUS}")
+    try:
+        iso = parse_cpulist(o.isolated)
+    except ValueError as e:
+        raise InputError(f"--isolated {o.isolated!r}: {e}") from None
+    if any(c >= o.cpus for c in iso):
+        raise InputError(f"--isolated {o.isolated}: the guest has CPUs 0-{o.cpus - 1}")
+    if 0 in iso:
+        raise InputError("--isolated must leave CPU 0: the updater and the recorder run there")
+    if o.iterations < 1 or o.iterations > 4096:
+        raise InputError("--iterations must be between 1 and 4096")
+    if o.threads < 0:
+        raise InputError("--threads must be >= 0")
+    return iso
+
+
+def _cpulist(cpus: list[int]) -> str:
+    return ",".join(str(c) for c in cpus)
+
+
+def _guest_kernel(o: RunOptions, log: Callable[[str], None]) -> GuestKernel:
+    from pkstrace.emulate import kernel as k
+
+    return k.kernel_from_path(o.kernel) if o.kernel else k.ensure_debian_kernel(log=log)
+
+
+def _workdir(name: str) -> Path:
+    runs = cache_dir() / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    old = sorted(runs.iterdir(), key=lambda p: p.stat().st_mtime)
+    for p in old[:-8]:  # keep the last few runs for post-mortems
+        shutil.rmtree(p, ignore_errors=True)
+    d = runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{os.getpid()}"
+    d.mkdir()
+    return d
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """The guest driver's JSON lines, by type (a torn last line is ignored)."""
+    out: dict[str, Any] = {"errors": []}
+    if not path.exists():
+        return out
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(rec, dict):
+            continue
+        kind = rec.pop("type", "")
+        if kind == "error":
+            out["errors"].append(rec.get("message", ""))
+        elif kind:
+            out[kind] = rec
+    return out
+
+
+_COMMENT_RE = re.compile(r"^# pkstrace-(probe|clock|lost|end): (.*)$", re.M)
+
+
+def stream_meta(text: str) -> dict[str, Any]:
+    """Metadata comment lines of the recorder's stream (see backends/tracefs.py)."""
+    meta: dict[str, Any] = {"probes": []}
+    for m in _COMMENT_RE.finditer(text):
+        try:
+            val = json.loads(m.group(2))
+        except ValueError:
+            continue
+        if m.group(1) == "probe":
+            meta["probes"].append(val)
+        else:
+            meta[m.group(1)] = val
+    return meta
+
+
+def panic_progress(console: str) -> list[str]:
+    """The module's per-update console lines (what got done before a panic)."""
+    return re.findall(r"pks_test: update \d+ [^\n]*done", console)
+
+
+def run(o: RunOptions, log: Callable[[str], None] = print) -> RunResult:
+    """Boot, run, record, write the trace. Raises PkstraceError on set-up failures only."""
+    from pkstrace import schema, tracefile
+    from pkstrace.emulate.initramfs import run_archive
+    from pkstrace.emulate.module import build_module
+    from pkstrace.importers.ftrace_text import parse_text
+
+    iso = check_options(o)
+    sc = SCENARIOS[o.scenario]
+    if o.output.exists() and not o.force:
+        raise tracefile.TraceFileError(f"{o.output} exists (use --force to overwrite)")
+    t_start = time.monotonic()
+    kern = _guest_kernel(o, log)
+    ko = build_module(kern, log=log)
+    work = _workdir(o.scenario)
+    params = (f"scenario={o.scenario} iterations={o.iterations} threads={o.threads} "
+              "updater_cpu=0")
+    cfg = {
+        "events": list(RECORD_EVENTS), "kprobes": list(RECORD_KPROBES), "msr": RECORD_MSR,
+        "buffer_kb": 2048, "clock": "mono", "ready_timeout_s": 120, "stop_timeout_s": 60,
+        "settle_s": 0.3,
+    }
+    initrd = run_archive(work / "initrd.cpio", ko, params, cfg, log=log)
+    timeout = o.timeout_s or (180 + 10 * o.cpus + 0.5 * o.iterations * o.cpus)
+    append = qemu.kernel_cmdline(_cpulist(iso))
+    log(f"emulate: booting {kern.release} with {o.cpus} vCPUs"
+        f"{', isolated ' + _cpulist(iso) if iso else ''} (TCG), scenario {o.scenario}")
+    notes: list[str] = []
+    for attempt in range(1, ATTEMPTS + 1):
+        boot = qemu.boot(kern.vmlinuz, initrd, o.cpus, append, work, timeout, o.mem_mb)
+        results = read_results(boot.results)
+        if not (boot.tcg_int3 and "counters" not in results) or attempt == ATTEMPTS:
+            break
+        notes.append(f"attempt {attempt}: guest hit a stale int3 while the tracer patched "
+                     "kernel text (TCG artefact); booted again")
+        log(f"emulate: {notes[-1]}")
+    console_text = boot.console.read_text(errors="replace")
+    status = boot.status
+    if boot.tcg_int3 and "counters" in results and status == "panic":
+        # the run and its counters were complete; the crash hit the probes' removal
+        status = "ok"
+        notes.append("guest crashed after the run while the tracer removed its probes "
+                     "(TCG stale int3); events and counters are complete")
+    elif status == "ok" and "done" not in results:
+        status = "incomplete"
+    if boot.panic and status != "ok":
+        notes.append(f"guest panicked: {boot.panic}")
+    notes += [f"guest console: {w}" for w in boot.warnings[:5]]
+    notes += [f"guest driver: {e}" for e in results["errors"]]
+    if status == "timeout":
+        notes.append(f"guest did not finish within {timeout:.0f} s and was stopped")
+
+    # Keep the console log beside the trace: a panic or a warning is a result.
+    console_out = o.output.with_name(o.output.name + ".console.log")
+    try:
+        o.output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(boot.console, console_out)
+    except OSError as e:
+        raise EmulateError(f"cannot write {console_out}: {e.strerror}") from None
+
+    events_text = boot.events.read_text(errors="replace") if boot.events.exists() else ""
+    smeta = stream_meta(events_text)
+    df, stats = parse_text(events_text)
+    facts = results.get("facts", {}).get("facts", {})
+    counters = results.get("counters", {}).get("counters", {})
+    ground_truth: dict[str, Any] = dict(counters)
+    if not counters:
+        ground_truth = {"complete": False,
+                        "updates_logged": len(panic_progress(console_text))}
+    else:
+        ground_truth["complete"] = True
+
+    host = {
+        "hostname": facts.get("hostname", "pkstrace-guest"),
+        "kernel": facts.get("kernel", kern.release),
+        "cpu_model": facts.get("cpu_model", "QEMU TCG -cpu max"),
+        "cpu_flags": facts.get("cpu_flags", []),
+        "online_cpus": schema.parse_cpulist(facts.get("online", "")) or list(range(o.cpus)),
+        "isolated_cpus": schema.parse_cpulist(facts.get("isolated", "")) if facts else iso,
+        "nohz_full_cpus": schema.parse_cpulist(facts.get("nohz_full", "")) if facts else iso,
+        "pks": bool(counters.get("pks_cpuid", True)),
+        "emulated": True,
+        "cmdline": facts.get("cmdline", append),
+    }
+    lost = {int(k): int(v) for k, v in (smeta.get("lost") or {}).items()}
+    for cpu, n in stats.lost_events.items():
+        lost[cpu] = lost.get(cpu, 0) + n
+    ts = df["ts"].to_numpy() if len(df) else []
+    meta = schema.TraceMeta(
+        host=host,
+        clock=str(smeta.get("clock") or cfg["clock"]),
+        backend="tracefs",
+        mode="events",
+        window={"start_ns": int(min(ts)), "end_ns": int(max(ts))} if len(ts) else {},
+        lost_events=lost,
+        probes=smeta["probes"],
+        unmodeled_events=dict(stats.unmodeled_events),
+        unparsed_lines=dict(stats.unparsed_lines),
+        scenario={
+            "name": o.scenario, "design": sc.summary, "cpus": o.cpus,
+            "isolated": iso, "iterations": o.iterations, "threads": o.threads,
+            "kernel": kern.release, "status": status, "expected": sc.expect,
+            "wall_s": round(time.monotonic() - t_start, 3), "boot_wall_s": round(boot.wall_s, 3),
+            "run_s": results.get("ran", {}).get("run_s"),
+            "attach_s": results.get("recording", {}).get("attach_s"),
+            "panic": boot.panic, "warnings": boot.warnings,
+            "console_log": str(console_out), "qemu": boot.command,
+        },
+        ground_truth=ground_truth,
+        command=["pkstrace", "emulate", "--scenario", o.scenario, "--cpus", str(o.cpus),
+                 "--isolated", o.isolated, "--iterations", str(o.iterations),
+                 "--threads", str(o.threads)],
+        source="emulated",
+        partial=status != "ok",
+        notes=notes,
+    )
+    tracefile.write_trace(o.output, schema.Trace(events=df, meta=meta), force=o.force)
+    return RunResult(output=o.output, status=status, expected=sc.expect,
+                     console_log=console_out, wall_s=time.monotonic() - t_start,
+                     ground_truth=ground_truth, notes=notes)
