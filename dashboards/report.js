@@ -11,6 +11,10 @@
     legend: { font: { size: 11 } },
     paper_bgcolor: "#ffffff", plot_bgcolor: "#ffffff"
   };
+  // Side by side (comparison), a figure is half as wide: legends go below it.
+  if (document.documentElement.getAttribute("data-mode") === "comparison") {
+    base.legend = { font: { size: 11 }, orientation: "h", y: -0.25, x: 0 };
+  }
   var config = { displaylogo: false, responsive: true, scrollZoom: false,
                  modeBarButtonsToRemove: ["sendDataToCloud"] };
   function merge(a, b) {
@@ -26,6 +30,10 @@
     var spec = specs[div.getAttribute("data-fig")];
     if (!spec) { return; }
     var layout = merge(base, spec.layout);
+    if (base.legend.orientation === "h" && spec.data.length > 1) {
+      layout.height = (layout.height || 360) + 30 + 18 * Math.ceil(spec.data.length / 2);
+      layout.margin = merge(layout.margin || {}, { b: 90 });
+    }
     ["xaxis", "yaxis"].forEach(function (ax) {
       layout[ax] = merge({ gridcolor: "#eaeef2", zerolinecolor: "#d0d7de", automargin: true },
                          layout[ax] || {});

@@ -76,6 +76,7 @@ def synth_findings(variant: str = "v3", n_calls: int = 2800, seed: int = 1,
         "comm": np.where(rng.random(n_calls) < 0.5, HOSTILE_COMM, "pks-test"),
         "pid": np.full(n_calls, 321), "local": np.zeros(n_calls, dtype=bool),
         "latency_ns": lat, "handler_ns": handler, "target_idle": idle,
+        "episode": np.full(n_calls, -1),
     })[fd.CALLS_COLUMNS]
     remote = f.calls
     f.cross_cpu_summary = {
@@ -93,10 +94,10 @@ def synth_findings(variant: str = "v3", n_calls: int = 2800, seed: int = 1,
     # Activity: timer MSR writes everywhere, PKRS writes, calls arriving on targets.
     n_bins = duration_ns // activity_bin_ns
     rows = []
-    for series, scale in (("msr_write", 6.0), ("csd_queue_in", 0.0 if lazy else 3.0)):
+    for series, scale in (("msr_write", 6.0), ("csd_in", 0.0 if lazy else 3.0)):
         b, c = np.meshgrid(np.arange(n_bins), cpus, indexing="ij")
         cnt = rng.poisson(scale * (1 + np.sin(b / 30.0) ** 2), b.shape)
-        if series == "csd_queue_in":
+        if series == "csd_in":
             cnt[:, 0] = 0
         keep = cnt > 0
         rows.append(pd.DataFrame({"bin_start_ns": start + b[keep] * activity_bin_ns,
@@ -121,7 +122,8 @@ def synth_findings(variant: str = "v3", n_calls: int = 2800, seed: int = 1,
     calls_pk = rng.integers(3000, 6000, n_cpus)
     hits = (calls_pk * (0.9 if lazy else 0.6)).astype(int)
     f.write_pkrs = pd.DataFrame({"cpu": cpus, "calls": calls_pk, "cache_hits": hits,
-                                 "msr_writes": calls_pk - hits})[fd.WRITE_PKRS_COLUMNS]
+                                 "msr_writes": calls_pk - hits,
+                                 "pkrs_msr_writes": calls_pk - hits + 7})[fd.WRITE_PKRS_COLUMNS]
     # Global-update episodes: serial walks over CPUs 1..n-1.
     n_ep = 0 if lazy else n_episodes
     ep_start = np.sort(rng.integers(start, start + duration_ns - 2_000_000, n_ep))
@@ -130,8 +132,9 @@ def synth_findings(variant: str = "v3", n_calls: int = 2800, seed: int = 1,
         "episode": np.arange(n_ep), "start_ns": ep_start, "end_ns": ep_start + stall,
         "source_cpu": 0, "pid": 321, "comm": HOSTILE_COMM, "func": "pks_update_remote",
         "callsite": "wrmsrl_on_cpu+0x4c/0x80", "mode": "serial", "targets": n_cpus - 1,
-        "target_cpus": [list(range(1, n_cpus))] * n_ep, "stall_ns": stall,
-        "latency_sum_ns": (stall * 0.9).astype(np.int64)})[fd.EPISODE_COLUMNS]
+        "target_cpus": f"1-{n_cpus - 1}", "stall_ns": stall,
+        "latency_sum_ns": (stall * 0.9).astype(np.int64), "calls": n_cpus - 1,
+    })[fd.EPISODE_COLUMNS]
     proj = []
     for design, per_cpu, base in (("serial", 50_000, 0), ("broadcast", 400, 60_000),
                                   ("lazy", 0, 300)):

@@ -84,10 +84,12 @@ def analyse_file(path: str, isolated: list[int] | None,
                  calibration: str | None) -> tuple[Any, Any]:
     """Open a trace (any format open_trace knows) and analyse it: (trace, findings)."""
     from pkstrace.analysis import analyse
+    from pkstrace.analysis.projection import load_calibration
     from pkstrace.importers import open_trace
 
+    calib = load_calibration(calibration) if calibration else None
     trace = open_trace(path)
-    return trace, analyse(trace, isolated=isolated, calibration=calibration)
+    return trace, analyse(trace, isolated=isolated, calibration=calib)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -52,6 +52,8 @@ RUN_COLOURS = ["#0072B2", "#D55E00"]
 
 SERIES_TITLES = {
     "msr_write": "MSR writes",
+    "csd_in": "cross-CPU calls arriving",
+    "csd_out": "cross-CPU calls sent",
     "csd_queue_in": "cross-CPU calls arriving",
     "csd_queue_out": "cross-CPU calls sent",
     "csd_entry": "cross-CPU call handlers run",
@@ -61,8 +63,8 @@ SERIES_TITLES = {
     "pkrs_write": "PKRS (0x6e1) MSR writes",
 }
 # Heatmaps drawn first when present (the issue asks for these two), then the rest.
-SERIES_ORDER = ["msr_write", "pkrs_write", "csd_queue_in", "csd_entry", "ipi_in",
-                "write_pkrs", "csd_queue_out", "ipi_out"]
+SERIES_ORDER = ["msr_write", "pkrs_write", "csd_in", "csd_queue_in", "csd_entry", "ipi_in",
+                "write_pkrs", "csd_out", "csd_queue_out", "ipi_out"]
 
 
 class ReportError(PkstraceError):
@@ -226,18 +228,24 @@ class Column:
 
 
 def table(df: pd.DataFrame, columns: list[Column], caption: str = "",
-          sort_by: str | None = None, ascending: bool = False,
+          sort_by: str | list[str] | None = None, ascending: bool = False,
           max_rows: int = MAX_TABLE_ROWS, table_id: str = "") -> str:
     """A sortable, keyboard-usable table; trace strings escaped; long tables capped."""
     total = len(df)
     if total == 0:
         return f'<p class="empty">{esc(caption) + ": " if caption else ""}none.</p>'
-    if sort_by and sort_by in df.columns:
-        key = pd.to_numeric(df[sort_by], errors="coerce")
-        order = np.argsort(key.to_numpy(dtype=float, na_value=np.nan), kind="stable")
-        if not ascending:
-            order = order[::-1]
+    keys = [sort_by] if isinstance(sort_by, str) else list(sort_by or [])
+    keys = [k for k in keys if k in df.columns]
+    if keys:
+        # Stable sorts from the last key to the first: ties keep the next key's order.
+        order = np.arange(total)
+        for k in reversed(keys):
+            v = _numeric(df[k].iloc[order])
+            v = np.where(np.isfinite(v), v, -np.inf if not ascending else np.inf)
+            step = np.argsort(v if ascending else -v, kind="stable")
+            order = order[step]
         df = df.iloc[order]
+        sort_by = keys[0]
     shown = df.iloc[:max_rows]
     head = []
     for c in columns:
@@ -348,7 +356,7 @@ def _events_total(f: Findings) -> int | None:
 
 def _stall_quantile(f: Findings, q: float) -> float | None:
     if len(f.episodes) == 0:
-        return None
+        return 0.0  # no global update, so nobody stalled (what "3.1 ms -> 0" compares)
     v = _numeric(f.episodes["stall_ns"])
     v = v[np.isfinite(v)]
     return float(np.quantile(v, q)) if len(v) else None
@@ -564,7 +572,6 @@ def comparison_section(runs: Sequence[tuple[str, Findings]]) -> str:
         rows.append({"metric": m.name, "a": va, "b": vb, "kind": m.kind,
                      "diff": difference(va, vb, m.kind), "change": change,
                      "delta": None if va is None or vb is None else vb - va})
-    df = pd.DataFrame(rows)
     body = []
     for r in rows:
         cls = f' class="{r["change"]}"' if r["change"] else ""
@@ -576,10 +583,9 @@ def comparison_section(runs: Sequence[tuple[str, Findings]]) -> str:
             f"{esc(_fmt_metric(r['b'], r['kind']))}</td>"
             f"<td>{esc(r['diff'])}</td><td>{esc(r['change'])}</td></tr>")
     headline = [r["metric"] + ": " + r["diff"] for r in rows
-                if r["change"] and r["a"] != r["b"]][:6]
+                if r["change"] and r["a"] != r["b"]]
     head = ("<ul class=headline>" + "".join(f"<li>{esc(h)}</li>" for h in headline)
             + "</ul>") if headline else "<p>No differences in the headline figures.</p>"
-    del df
     tbl = ('<div class="table-wrap"><table class="sortable" id="diff-table">'
            "<caption>A → B, every figure</caption><thead><tr>"
            '<th scope="col" tabindex="0" aria-sort="none">figure</th>'
@@ -680,8 +686,9 @@ def redundant_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
             df = by_task.copy()
             df["_red"] = _numeric(df["redundant"])
             df["_w"] = _numeric(df["writes"])
-            top = df.sort_values("_red", ascending=False).head(20).iloc[::-1]
-            names = [f"{esc(c)} · {esc(cs)} · {esc(m)}" for c, cs, m in
+            top = df.sort_values(["_red", "_w"], ascending=False).head(20).iloc[::-1]
+            names = [f"{esc(c) or '(no task)'} · {esc(cs) or '(no callsite)'} · {esc(m)}"
+                     for c, cs, m in
                      zip(_col(top, "comm").astype(str), _col(top, "callsite").astype(str),
                          _col(top, "msr_name").astype(str), strict=True)]
             out.append(page.figure(
@@ -701,12 +708,12 @@ def redundant_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
             Column("task", "comm"), Column("callsite", "callsite"),
             Column("MSR", "msr_name"), Column("writes", "writes", numeric=True),
             Column("redundant", "redundant", numeric=True)],
-            caption="redundant writes by task and callsite", sort_by="redundant"))
+            caption="redundant writes by task and callsite", sort_by=["redundant", "writes"]))
         out.append(table(f.redundant_by_cpu_msr, [
             Column("CPU", "cpu", numeric=True), Column("MSR", "msr_name"),
             Column("writes", "writes", numeric=True),
             Column("redundant", "redundant", numeric=True)],
-            caption="redundant writes by CPU and MSR", sort_by="redundant"))
+            caption="redundant writes by CPU and MSR", sort_by=["redundant", "writes"]))
         parts.append("".join(out))
     return section("redundant", "Redundant MSR writes",
                    "Which tasks and callsites write an MSR with the value it already holds?",
@@ -732,7 +739,11 @@ def write_pkrs_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
         data = []
         for key, name, colour in (("calls", "write_pkrs() calls", "#0072B2"),
                                   ("cache_hits", "cache hits (no MSR write)", "#009E73"),
-                                  ("msr_writes", "PKRS MSR writes", "#D55E00")):
+                                  ("msr_writes", "write_pkrs() MSR writes", "#D55E00"),
+                                  ("pkrs_msr_writes", "all PKRS (0x6e1) MSR writes",
+                                   "#999999")):
+            if key not in wp.columns:
+                continue
             data.append({"type": "bar", "x": cpus, "y": _numeric(wp[key]), "name": name,
                          "marker": {"color": colour}})
         out.append(page.figure(data, {"barmode": "group",
@@ -743,7 +754,9 @@ def write_pkrs_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
         out.append(table(wp, [Column("CPU", "cpu", numeric=True),
                               Column("calls", "calls", numeric=True),
                               Column("cache hits", "cache_hits", numeric=True),
-                              Column("MSR writes", "msr_writes", numeric=True)],
+                              Column("MSR writes", "msr_writes", numeric=True),
+                              Column("all PKRS writes", "pkrs_msr_writes", numeric=True,
+                                     help="every MSR 0x6e1 write on the CPU, any caller")],
                          caption="write_pkrs per CPU", sort_by="calls"))
         parts.append("".join(out))
     return section("write-pkrs", "write_pkrs(): calls, cache hits, MSR writes",
@@ -773,8 +786,8 @@ def _group_lines(lat_us: np.ndarray, keys: np.ndarray, names: dict[Any, str],
         if kind == "hist":
             h, _ = np.histogram(v, bins=edges)
             centres = np.sqrt(edges[:-1] * edges[1:])
-            lines.append({"type": "scatter", "mode": "lines", "line": {"shape": "hvh",
-                                                                      "color": colour},
+            lines.append({"type": "scatter", "mode": "lines", "fill": "tozeroy",
+                          "opacity": 0.6, "line": {"shape": "hvh", "color": colour},
                           "x": centres.round(3), "y": h, "name": f"{name} (n={len(v):,})",
                           "hovertemplate": "%{x:.3g} µs: %{y} calls<extra>" + name
                           + "</extra>"})
@@ -789,10 +802,32 @@ def _group_lines(lat_us: np.ndarray, keys: np.ndarray, names: dict[Any, str],
     return lines
 
 
+def log_ticks_us(lo_us: float, hi_us: float) -> dict[str, Any]:
+    """Tick values 1-2-5 per decade (1 per decade past 6 decades), labelled with units,
+    for a log axis in microseconds: '50 µs', '1 ms' read better than plotly's '5', '2'."""
+    lo = max(float(lo_us), 1e-3)
+    hi = max(float(hi_us), lo * 1.01)
+    e0, e1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    mults = (1, 2, 5) if e1 - e0 <= 6 else (1,)
+    vals = [m * 10.0 ** e for e in range(e0, e1 + 1) for m in mults]
+    vals = [v for v in vals if lo / 1.2 <= v <= hi * 1.2] or [lo, hi]
+    return {"tickvals": [round(v, 6) for v in vals], "ticktext": [fmt_ns(v * 1e3) for v in vals]}
+
+
+def _latency_range(runs: Sequence[tuple[str, Findings]]) -> tuple[float, float] | None:
+    """One latency range (µs) for every run, so that A and B share their axes."""
+    lo, hi = math.inf, -math.inf
+    for _, f in runs:
+        lat = _numeric(_col(_remote_calls(f), "latency_ns"))
+        lat = lat[np.isfinite(lat) & (lat > 0)]
+        if len(lat):
+            lo, hi = min(lo, float(lat.min()) / 1e3), max(hi, float(lat.max()) / 1e3)
+    return (lo, hi) if lo <= hi else None
+
+
 def latency_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
     parts = []
-    lat_layout = {"xaxis": {"type": "log", "title": {"text": "queue → handler entry (µs, "
-                                                             "log)"}}}
+    rng = _latency_range(runs)
     for label, f in runs:
         out = [_run_heading(label, len(runs))]
         calls = _remote_calls(f)
@@ -804,38 +839,41 @@ def latency_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
             f"max {fmt_ns(s.get('max_ns'))}; unmatched queue/entry: "
             f"{fmt_int(s.get('unmatched_queue'))}/{fmt_int(s.get('unmatched_entry'))}.</p>")
         lat = _numeric(_col(calls, "latency_ns"))
-        ok = np.isfinite(lat) & (lat >= 0)
-        if ok.sum() == 0:
+        ok = np.isfinite(lat) & (lat > 0)
+        if ok.sum() == 0 or rng is None:
             out.append('<p class="empty">No remote cross-CPU calls with a latency.</p>')
         else:
             lat_us = lat[ok] / 1e3
-            edges = _log_bins(lat_us)
-            target = _numeric(_col(calls, "target_cpu"))[ok]
-            tnames = {c: f"CPU {int(c)}" + (" (isolated)" if int(c) in f.isolated_cpus
-                                           else "") for c in np.unique(target)
-                      if np.isfinite(c)}
-            out.append(page.figure(
-                _group_lines(lat_us, target, tnames, edges, "hist"),
-                {**lat_layout, "title": {"text": "latency histogram by target CPU"},
-                 "yaxis": {"title": {"text": "calls per bin"}}},
-                label="latency histogram by target CPU"))
-            funcs = _col(calls, "func").astype(str).to_numpy()[ok]
-            fnames = {k: esc(k) for k in np.unique(funcs)}
-            out.append(page.figure(
-                _group_lines(lat_us, funcs, fnames, edges, "cdf"),
-                {**lat_layout, "title": {"text": "latency CDF by function run on the target"},
-                 "yaxis": {"title": {"text": "% of calls"}, "range": [0, 100]}},
-                label="latency CDF by function"))
+            edges = _log_bins(np.array(rng))
+            xaxis = {"type": "log", "title": {"text": "queue → handler entry (log)"},
+                     "range": [math.log10(rng[0]) - 0.05, math.log10(rng[1]) + 0.05],
+                     **log_ticks_us(*rng)}
             idle_flag = _flags(_col(calls, "target_idle"))[ok]
             idle = np.where(idle_flag == 1, "idle", np.where(idle_flag == 0, "busy",
                                                               "unknown"))
             inames = {"idle": "target idle", "busy": "target busy",
                       "unknown": "target state unknown"}
             out.append(page.figure(
-                _group_lines(lat_us, idle, inames, edges, "cdf"),
-                {**lat_layout, "title": {"text": "latency CDF: target CPU idle vs busy"},
+                _group_lines(lat_us, idle, inames, edges, "hist"),
+                {"xaxis": xaxis, "title": {"text": "latency histogram: target CPU idle vs busy"},
+                 "yaxis": {"title": {"text": "calls per bin"}}},
+                label="latency histogram, target idle versus busy"))
+            target = _numeric(_col(calls, "target_cpu"))[ok]
+            tnames = {c: f"CPU {int(c)}" + (" (isolated)" if int(c) in f.isolated_cpus
+                                           else "") for c in np.unique(target)
+                      if np.isfinite(c)}
+            out.append(page.figure(
+                _group_lines(lat_us, target, tnames, edges, "cdf"),
+                {"xaxis": xaxis, "title": {"text": "latency CDF by target CPU"},
                  "yaxis": {"title": {"text": "% of calls"}, "range": [0, 100]}},
-                label="latency CDF idle versus busy"))
+                label="latency CDF by target CPU"))
+            funcs = _col(calls, "func").astype(str).to_numpy()[ok]
+            fnames = {k: esc(k) for k in np.unique(funcs)}
+            out.append(page.figure(
+                _group_lines(lat_us, funcs, fnames, edges, "cdf"),
+                {"xaxis": xaxis, "title": {"text": "latency CDF by function run on the target"},
+                 "yaxis": {"title": {"text": "% of calls"}, "range": [0, 100]}},
+                label="latency CDF by function"))
         lat_cols = [Column("calls", "count", numeric=True),
                     Column("p50", "p50_ns", fmt_ns, True), Column("p90", "p90_ns", fmt_ns, True),
                     Column("p99", "p99_ns", fmt_ns, True), Column("max", "max_ns", fmt_ns, True),
@@ -874,9 +912,16 @@ def _cap_points(df: pd.DataFrame, weight: str) -> tuple[pd.DataFrame, str]:
     return df.iloc[keep], note
 
 
+def _stall_ticks(ep: pd.DataFrame) -> dict[str, Any]:
+    v = _numeric(ep["stall_ns"]) / 1e3
+    v = v[np.isfinite(v) & (v > 0)]
+    return log_ticks_us(float(v.min()), float(v.max())) if len(v) else {}
+
+
 def episodes_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
     parts = []
     proj_data = []
+    proj_tables: list[str] = []
     for r, (label, f) in enumerate(runs):
         out = [_run_heading(label, len(runs))]
         ep = f.episodes
@@ -917,7 +962,8 @@ def episodes_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
                 data, {"title": {"text": f"global-update episodes: stall over time "
                                          f"({len(ep):,} episodes; marker size = targets)"},
                        "xaxis": {"title": {"text": "time since start (ms)"}},
-                       "yaxis": {"type": "log", "title": {"text": "caller stall (µs, log)"}}},
+                       "yaxis": {"type": "log", "title": {"text": "caller stall (log)"},
+                                 **_stall_ticks(ep)}},
                 label="global update episodes timeline"))
             if note:
                 out.append(f'<p class="note">{esc(note)}</p>')
@@ -956,22 +1002,32 @@ def episodes_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
                              "width": 1},
                     "hovertemplate": "%{x} CPUs: p50 %{y:.3g} µs<br>%{customdata}<extra>"
                                      + name + "</extra>"})
-            out.append(table(pr, [Column("CPUs", "cpus", numeric=True), Column("design", "design"),
-                                  Column("p50 stall", "p50_stall_ns", fmt_ns, True),
-                                  Column("p99 stall", "p99_stall_ns", fmt_ns, True),
-                                  Column("from", "source")],
-                             caption="projected stall of one global update", sort_by="cpus",
-                             ascending=True))
+            proj_tables.append(
+                _run_heading(label, len(runs))
+                + table(pr, [Column("CPUs", "cpus", numeric=True), Column("design", "design"),
+                             Column("p50 stall", "p50_stall_ns", fmt_ns, True),
+                             Column("p99 stall", "p99_stall_ns", fmt_ns, True),
+                             Column("from", "source")],
+                        caption="projected stall of one global update", sort_by="cpus",
+                        ascending=True))
         parts.append("".join(out))
     proj = ""
     if proj_data:
+        ys = np.concatenate([np.asarray(d["y"], dtype=float) for d in proj_data])
+        ys = ys[np.isfinite(ys) & (ys > 0)]
+        yaxis: dict[str, Any] = {"type": "log", "title": {"text": "stall (log)"}}
+        if len(ys):
+            yaxis.update(log_ticks_us(float(ys.min()), float(ys.max())))
         proj = page.figure(
             proj_data, {"title": {"text": "projected stall of one global update: serial vs "
-                                          "broadcast vs lazy"},
+                                          "broadcast vs lazy (solid p99, dashed p50)"},
                         "xaxis": {"type": "log", "title": {"text": "CPUs (log)"},
-                                  "tickvals": [2, 4, 8, 16, 64, 256, 1024]},
-                        "yaxis": {"type": "log", "title": {"text": "stall (µs, log)"}}},
-            height=420, label="projection of stall to 64, 256 and 1024 CPUs")
+                                  "tickvals": [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]},
+                        "yaxis": yaxis},
+            height=440, label="projection of stall to 64, 256 and 1024 CPUs")
+        proj = ("<h3>Projection to larger machines</h3>" + proj
+                + _runs_grid(proj_tables if len(proj_tables) == len(runs)
+                             else ["".join(proj_tables)]))
     return section("episodes", "Global-update episodes and projected stalls",
                    "How long does the caller stall while a new PKRS value is pushed to every "
                    "CPU, and how would serial, broadcast and lazy designs scale to 64, 256 and "
@@ -1056,30 +1112,49 @@ def drift_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
             parts.append("".join(out))
             continue
         cpus = _numeric(d["cpu"])
-        uniq, counts = np.unique(cpus[np.isfinite(cpus)], return_counts=True)
-        # The deepest fall per CPU: the last depth reached minus the first, per episode.
-        falls = []
-        for dep in _col(d, "depths").tolist():
-            seq = _depth_list(dep)
-            falls.append(seq[-1] - seq[0] if len(seq) >= 2 else np.nan)
-        d2 = d.assign(_fall=falls)
-        worst = [float(np.nanmin(d2["_fall"].to_numpy(dtype=float)[cpus == c]))
-                 if np.isfinite(d2["_fall"].to_numpy(dtype=float)[cpus == c]).any() else 0.0
-                 for c in uniq]
+        seqs = [_depth_list(x) for x in _col(d, "depths").tolist()]
+        # How far the preempt depth fell within each walk: last depth seen minus first.
+        fall = np.array([q[-1] - q[0] if len(q) >= 2 else np.nan for q in seqs])
+        uniq = np.unique(cpus[np.isfinite(cpus)])
+        worst, n_eps = [], []
+        for c in uniq:
+            m = cpus == c
+            fc = fall[m]
+            worst.append(float(np.nanmin(fc)) if np.isfinite(fc).any() else 0.0)
+            n_eps.append(int(m.sum()))
         labels = [f"CPU {int(c)}" for c in uniq]
         out.append(page.figure(
-            [{"type": "bar", "x": labels, "y": counts, "name": "drift episodes",
-              "marker": {"color": "#CC79A7"}},
-             {"type": "scatter", "mode": "markers", "x": labels, "y": worst, "yaxis": "y2",
-              "name": "deepest fall of preempt depth", "marker": {"color": "#000000",
-                                                                    "size": 10,
-                                                                    "symbol": "diamond"}}],
-            {"title": {"text": "preempt-count drift per CPU"},
-             "yaxis": {"title": {"text": "drift episodes"}},
-             "yaxis2": {"title": {"text": "depth change within a walk"}, "overlaying": "y",
-                        "side": "right", "zeroline": True},
-             "legend": {"orientation": "h", "y": -0.2}},
-            label="preempt count drift per CPU"))
+            [{"type": "bar", "x": labels, "y": worst, "marker": {"color": "#CC79A7"},
+              "text": [f"{n} walk{'s' if n != 1 else ''}" for n in n_eps],
+              "textposition": "outside", "name": "deepest fall",
+              "hovertemplate": "%{x}: preempt depth fell by %{y} in one walk "
+                               "(%{text} with drift)<extra></extra>"}],
+            {"title": {"text": "preempt-count drift per CPU: deepest fall within one walk"},
+             "yaxis": {"title": {"text": "depth change (last − first)"}, "zeroline": True,
+                       "rangemode": "tozero"},
+             "showlegend": False},
+            height=320, label="preempt count drift per CPU"))
+        order = np.argsort(-_numeric(_col(d, "calls")), kind="stable")[:10]
+        lines = []
+        for i, k in enumerate(order):
+            q = seqs[k]
+            if not q:
+                continue
+            row = d.iloc[k]
+            name = f"CPU {_display(row.get('cpu'))} · {esc(row.get('comm'))} · " \
+                   f"{esc(row.get('callsite'))}"
+            lines.append({"type": "scatter", "mode": "lines+markers",
+                          "x": list(range(1, len(q) + 1)), "y": q, "name": name,
+                          "line": {"color": PALETTE[i % len(PALETTE)]},
+                          "hovertemplate": "call %{x}: depth %{y}<extra>" + name + "</extra>"})
+        if lines:
+            out.append(page.figure(
+                lines, {"title": {"text": "preempt depth at each queued call of a walk "
+                                          "(longest walks)"},
+                        "xaxis": {"title": {"text": "call in the walk"}, "dtick": 1},
+                        "yaxis": {"title": {"text": "preempt depth"}, "dtick": 1},
+                        "legend": {"orientation": "h", "y": -0.25}},
+                height=360, label="preempt depth along each drifting walk"))
         d = d.assign(_dur=_numeric(d["end_ns"]) - _numeric(d["start_ns"]))
         out.append(table(d, [Column("CPU", "cpu", numeric=True), Column("task", "comm"),
                              Column("pid", "pid", numeric=True), Column("callsite", "callsite"),

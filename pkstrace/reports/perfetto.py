@@ -173,7 +173,8 @@ def _counter_rows(events: pd.DataFrame, origin: int) -> Iterator[pd.Series]:
     ts = w["ts"].to_numpy(dtype=np.int64)
     t0, t1 = int(ts.min()), int(ts.max())
     n_cpus = max(1, w["cpu"].nunique())
-    n_bins = int(max(50, min(MAX_COUNTER_BINS, 200_000 // n_cpus)))
+    # Enough bins to see bursts, few enough that a sparse trace is not mostly zeros.
+    n_bins = int(max(50, min(MAX_COUNTER_BINS, 200_000 // n_cpus, 4 * np.sqrt(len(w)))))
     bin_ns = max(1_000, -(-(t1 - t0 + 1) // n_bins))
     msr_cat = pd.Categorical(w["msr"].to_numpy())
     names = msr_cat.rename_categories([schema.msr_name(int(m)) for m in msr_cat.categories])

@@ -1,0 +1,196 @@
+"""`pkstrace report`: the page's content, its safety, comparison numbers, size, CLI errors.
+
+The browser tests (test_report_browser.py) render the same pages in Chromium.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_report_synth import HOSTILE_COMM, HOSTILE_HOST, HOSTILE_SYMBOL, synth_findings
+
+from pkstrace import cli
+from pkstrace.analysis.findings import Findings
+from pkstrace.reports import html
+
+
+def _figures(page: str) -> dict:
+    m = re.search(r'<script type="application/json" id="pkstrace-figures">(.*?)</script>',
+                  page, re.S)
+    assert m, "figure JSON missing"
+    return json.loads(m.group(1))
+
+
+@pytest.fixture(scope="module")
+def v3_page() -> str:
+    return html.render([("v3.pkstrace", synth_findings("v3"))])
+
+
+@pytest.fixture(scope="module")
+def compare_page() -> str:
+    return html.render([("v3", synth_findings("v3")), ("lazy", synth_findings("lazy", seed=2))])
+
+
+def test_plotly_embedded_once_and_nothing_fetched(v3_page: str) -> None:
+    assert v3_page.count("plotly.js v") == 1  # the bundle's banner
+    # Exactly three script elements: the figure JSON, plotly.js, the page's own JS.
+    assert len(re.findall(r"<script\b", v3_page, re.I)) == 3
+    assert not re.search(r"<script[^>]+src=", v3_page, re.I)
+    assert not re.search(r"<link\b", v3_page, re.I)
+    assert not re.search(r"<img\b", v3_page, re.I)
+
+
+def test_trace_strings_are_escaped(v3_page: str) -> None:
+    # The hostile strings never appear raw; their escaped forms do.
+    assert HOSTILE_COMM not in v3_page
+    assert HOSTILE_SYMBOL not in v3_page
+    assert "<b>host</b>" not in v3_page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in v3_page
+    assert "&lt;/script&gt;&lt;script&gt;alert(1)&lt;/script&gt;" in v3_page
+    assert html.esc(HOSTILE_HOST) in v3_page
+    # Inside the figure JSON there is no '<' at all, so nothing can close the script.
+    m = re.search(r'id="pkstrace-figures">(.*?)</script>', v3_page, re.S)
+    assert m and "<" not in m.group(1)
+    # ...and what plotly will show is the HTML-escaped text (plotly decodes entities).
+    fig_text = json.dumps(_figures(v3_page))
+    assert "&lt;img src=x onerror=alert(1)&gt;" in fig_text
+
+
+def test_template_placeholders_in_trace_strings_stay_text() -> None:
+    f = synth_findings("v3")
+    f.redundant_by_task.loc[0, "comm"] = "{{PLOTLY_JS}}"
+    page = html.render([("x", f)])
+    assert page.count("plotly.js v") == 1
+    assert "{{PLOTLY_JS}}" in page
+
+
+def test_every_view_is_present(v3_page: str) -> None:
+    for sec in ("summary", "activity", "redundant", "write-pkrs", "latency", "episodes",
+                "isolation", "drift", "lost"):
+        assert f'<section id="{sec}"' in v3_page
+    figs = _figures(v3_page)
+    titles = " | ".join(str(f["layout"].get("title", {}).get("text")) for f in figs.values())
+    for want in ("MSR writes per CPU over time", "cross-CPU calls arriving per CPU",
+                 "latency histogram", "latency CDF by target CPU", "latency CDF by function",
+                 "global-update episodes", "projected stall", "isolation violations",
+                 "preempt-count drift", "write_pkrs() calls vs cache hits"):
+        assert want in titles, want
+    # Isolated CPUs are marked on the heatmaps.
+    heat = next(f for f in figs.values() if f["data"][0]["type"] == "heatmap")
+    assert len(heat["layout"]["shapes"]) == 2
+    assert "CPU 6 (isolated)" in heat["layout"]["yaxis"]["ticktext"]
+
+
+def test_summary_counts_come_from_findings(v3_page: str) -> None:
+    f = synth_findings("v3")
+    rows = {r.name: r for r in html.finding_rows(f)}
+    assert rows["isolation violations"].count == 300
+    assert rows["isolation violations"].severity == "high"
+    assert rows["tracer-induced isolation violations"].count == 2
+    assert rows["preempt-count drift"].count == 3
+    assert rows["remote cross-CPU calls"].count == 2800
+    assert rows["redundant MSR writes"].count == 1450
+    assert 'data-v="300">300</td>' in v3_page
+
+
+def test_projection_covers_64_256_1024(v3_page: str) -> None:
+    proj = next(f for f in _figures(v3_page).values()
+                if "projected stall" in f["layout"]["title"]["text"])
+    xs = {x for d in proj["data"] for x in d["x"]}
+    assert {64, 256, 1024} <= xs
+    names = " ".join(d["name"] for d in proj["data"])
+    for design in ("serial", "broadcast", "lazy"):
+        assert design in names
+
+
+def test_comparison_states_differences_in_numbers(compare_page: str) -> None:
+    assert '<section id="compare"' in compare_page
+    assert "remote cross-CPU calls: 2,800 → 0 (−2,800, −100%)" in compare_page
+    a = synth_findings("v3")
+    p99 = html.fmt_ns(float(np.quantile(a.episodes["stall_ns"], 0.99)))
+    assert f"global-update stall p99: {p99} → 0 ns" in compare_page
+    assert "isolation violations (workload): 300 → 0 (−300, −100%)" in compare_page
+
+
+@pytest.mark.parametrize("a,b,kind,want", [
+    (2800, 0, "count", "2,800 → 0 (−2,800, −100%)"),
+    (0, 5, "count", "0 → 5 (+5)"),
+    (3_100_000, 0, "ns", "3.1 ms → 0 ns (−3.1 ms, −100%)"),
+    (10, 10, "count", "10 → 10 (same)"),
+    (None, 4, "count", "– → 4"),
+])
+def test_difference_text(a: float | None, b: float | None, kind: str, want: str) -> None:
+    assert html.difference(a, b, kind) == want
+
+
+def test_empty_findings_render() -> None:
+    page = html.render([("empty", Findings())])
+    assert "No per-CPU activity" in page
+    assert "No remote cross-CPU calls" in page
+    assert _figures(page) == {}
+
+
+def test_large_findings_stay_small() -> None:
+    """The size of a report is bounded by aggregation, not by the number of calls."""
+    big = synth_findings("v3", n_calls=400_000, n_episodes=20_000, n_cpus=64,
+                         isolated=(60, 61, 62, 63), duration_ns=5_000_000_000)
+    small = synth_findings("v3", n_calls=4_000, n_episodes=200, n_cpus=64,
+                           isolated=(60, 61, 62, 63), duration_ns=5_000_000_000)
+    big_page, small_page = html.render([("big", big)]), html.render([("small", small)])
+    plotly_bytes = len(html.plotly_js().encode())
+    data_big = len(big_page.encode()) - plotly_bytes
+    data_small = len(small_page.encode()) - plotly_bytes
+    assert data_big < 3_000_000, data_big
+    assert data_big < 3 * data_small  # 100x the calls, not 100x the bytes
+    figs = _figures(big_page)
+    for fig in figs.values():
+        for tr in fig["data"]:
+            if tr.get("mode") == "markers":
+                assert len(tr["x"]) <= html.MAX_POINTS
+
+
+def test_tables_are_capped_and_keyboard_sortable() -> None:
+    f = synth_findings("v3", n_episodes=1000)
+    page = html.render([("x", f)])
+    assert "Showing 300 of 1,000 rows" in page
+    assert '<th scope="col" tabindex="0" aria-sort="none"' in page
+
+
+# ---------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_refuses_three_traces(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    rc, _, err = _run(capsys, "report", "a", "b", "c", "-o", str(tmp_path / "x.html"))
+    assert rc == 2
+    assert err.strip().count("\n") == 0
+    assert err.startswith("pkstrace report: error: give one trace, or two to compare")
+
+
+def test_cli_refuses_to_overwrite(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "x.html"
+    out.write_text("keep me")
+    rc, _, err = _run(capsys, "report", "a.pkstrace", "-o", str(out))
+    assert rc == 2 and "exists (use --force" in err and err.strip().count("\n") == 0
+    assert out.read_text() == "keep me"
+
+
+def test_cli_missing_output_dir(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    rc, _, err = _run(capsys, "report", "a.pkstrace", "-o", str(tmp_path / "no" / "x.html"))
+    assert rc == 2 and "does not exist" in err and err.strip().count("\n") == 0
+
+
+def test_cli_bad_isolated(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    rc, _, err = _run(capsys, "report", "a.pkstrace", "--isolated", "7-3",
+                      "-o", str(tmp_path / "x.html"))
+    assert rc == 2 and "--isolated" in err and err.strip().count("\n") == 0
