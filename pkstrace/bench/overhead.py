@@ -21,7 +21,8 @@ Two independent measures:
    before and after its loop: nanoseconds per event inside the BPF programs.
 2. Workload slowdown (every tracer, statistics off): ns per call traced minus
    untraced, divided by events per call; and the ratio to the untraced run.
-   Several runs, tracers interleaved per round, medians.
+   Each traced run is paired with an untraced run just before it (the host is
+   shared and its load drifts); several rounds, order rotated; medians of pairs.
 
 Targets from the issue: pkstrace counts mode <= half of bpftrace count()'s cost
 per event; events mode <= bpftrace count(); zero lost events at >= 100k events/s.
@@ -393,12 +394,14 @@ def _run_once(tracer: Tracer, tps: list[str], calls: int, source_cpu: int, targe
                 proc.communicate()
             raise
         wall = time.monotonic() - t0
+        load1 = os.getloadavg()[0]
         if not result.exists():
             tail = (stderr or stdout).strip().splitlines()[-3:]
             return {"ok": False, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
         run = json.loads(result.read_text())
         outcome = tracer.outcome(stdout, workdir)
         run.update({"ok": True, "tracer_exit": proc.returncode, "wall_s": round(wall, 3),
+                    "loadavg_1min": round(load1, 2),
                     "events": outcome.events, "lost": outcome.lost, "detail": outcome.detail})
         return run
 
@@ -453,14 +456,29 @@ def run(tracers: list[Tracer] | None = None, runs: int = 5, bpf_runs: int = 3,
         notes.append("kernel.bpf_stats_enabled was on during the slowdown runs (set by "
                      "someone else): BPF tracers' slowdown includes the accounting")
 
+    untraced = next(t for t in active if t.kind == "untraced")
+    traced = [t for t in active if t.kind != "untraced"]
     for r in range(runs):
-        # Rotate the order each round so slow drift on a shared host spreads evenly.
-        order = active[r % len(active):] + active[:r % len(active)]
-        for t in order:
+        # Each traced run is paired with an untraced run just before it, and the
+        # order rotates each round: load from other work on a shared host drifts
+        # over minutes, and a pair sees nearly the same load.
+        order = traced[r % len(traced):] + traced[:r % len(traced)] if traced else []
+        for t in order or [untraced]:
+            say(f"slowdown run {r + 1}/{runs}: untraced (baseline for {t.name})")
+            base = _run_once(untraced, tps, calls, source_cpu, target_cpu, timeout_s)
+            if not base["ok"]:
+                errors[untraced.name].append(base["error"])
+                continue
+            slow_runs[untraced.name].append(base)
+            if t is untraced:
+                continue
             say(f"slowdown run {r + 1}/{runs}: {t.name}")
             res = _run_once(t, tps, calls, source_cpu, target_cpu, timeout_s)
-            (slow_runs if res["ok"] else errors)[t.name].append(
-                res if res["ok"] else res["error"])
+            if res["ok"]:
+                res["baseline_ns_per_call"] = base["elapsed_ns"] / base["calls"]
+                slow_runs[t.name].append(res)
+            else:
+                errors[t.name].append(res["error"])
 
     # Events per call: from BPF run counts inside the workload window (bpftrace
     # sees every tracepoint hit, nothing else), else from recorded events / calls.
@@ -497,10 +515,16 @@ def run(tracers: list[Tracer] | None = None, runs: int = 5, bpf_runs: int = 3,
         med = _median(ns_call)
         slowdown: dict[str, Any] = {"ns_per_call_runs": [round(v, 1) for v in ns_call],
                                     "ns_per_call_p50": med}
-        if t.kind != "untraced" and med is not None and base_ns_per_call:
-            slowdown["ratio_to_untraced"] = med / base_ns_per_call
+        if t.kind != "untraced" and slow_runs[t.name]:
+            pairs = [(r["elapsed_ns"] / r["calls"], r["baseline_ns_per_call"])
+                     for r in slow_runs[t.name]]
+            slowdown["baseline_ns_per_call_runs"] = [round(b, 1) for _, b in pairs]
+            slowdown["ratio_runs"] = [round(v / b, 3) for v, b in pairs]
+            slowdown["ratio_to_untraced"] = _median([v / b for v, b in pairs])
             if events_per_call:
-                slowdown["overhead_ns_per_event"] = (med - base_ns_per_call) / events_per_call
+                per_ev = [(v - b) / events_per_call for v, b in pairs]
+                slowdown["overhead_ns_per_event_runs"] = [round(x, 1) for x in per_ev]
+                slowdown["overhead_ns_per_event"] = _median(per_ev)
         row["slowdown"] = slowdown
         if t.kind != "untraced":
             evs = [r["events"] for r in slow_runs[t.name] + srs if r.get("events") is not None]
@@ -541,6 +565,11 @@ def run(tracers: list[Tracer] | None = None, runs: int = 5, bpf_runs: int = 3,
                                           if events_per_call and base_ns_per_call else None),
         },
         "tracepoints": tps,
+        # Other work on the host (1-min load average at the end of each run):
+        # the slowdown measure is only as good as the host is quiet.
+        "loadavg_1min_runs": sorted(r["loadavg_1min"] for rs in slow_runs.values()
+                                    for r in rs),
+        "ncpus": os.cpu_count(),
         "bpf_stats_enabled_by": stats_how,
         "runs": runs,
         "bpf_runs": bpf_runs,
@@ -670,7 +699,9 @@ def format_table(doc: dict[str, Any]) -> str:
     for t in doc["targets"]:
         state = {True: "met", False: "MISSED", None: "unknown"}[t["met"]]
         extra = ""
-        if "value" in t:
+        if t["met"] is None and t.get("why_unknown"):
+            extra = f" ({t['why_unknown']})"
+        elif "value" in t:
             extra = f" ({t['measure']}: {t['value']} vs {t['limit']} {t['unit']}, " \
                     f"margin {t.get('margin_pct', 0)}%)"
         elif "lost" in t:
