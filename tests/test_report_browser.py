@@ -1,0 +1,212 @@
+"""The HTML report rendered in a real headless Chromium (Debian's /usr/bin/chromium).
+
+Checks what a reviewer opening the file would see: no console or page errors, no
+request leaves the page (self-contained), every figure drawn with its traces, hostile
+task and symbol names shown as text (no dialog, no <img>), tables sortable with the
+keyboard. Screenshots go to the test's tmp directory (PKSTRACE_SCREENSHOTS=DIR keeps
+them) for a person to look at.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_report_synth import HOSTILE_COMM, HOSTILE_SYMBOL, synth_findings
+
+from pkstrace import cli
+from pkstrace.reports import html
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+FIXTURES = Path(__file__).parent / "fixtures"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                       reason="needs Debian's chromium package (/usr/bin/chromium) to render "
+                              "the report; `make setup` installs it"),
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class Opened:
+    def __init__(self, page: Any) -> None:
+        self.page = page
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+        self.requests: list[str] = []
+
+
+def open_report(browser: Any, path: Path, shot: Path | None = None) -> Opened:
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    o = Opened(page)
+    page.on("console", lambda m: o.errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: o.errors.append(str(e)))
+
+    def on_dialog(d: Any) -> None:
+        o.dialogs.append(d.message)
+        d.dismiss()
+
+    page.on("dialog", on_dialog)
+
+    def route(r: Any) -> None:
+        url = r.request.url
+        if url.startswith("file://") and url.endswith(path.name):
+            r.continue_()
+        else:  # anything else would be a fetch a self-contained page must not make
+            o.requests.append(url)
+            r.abort()
+
+    page.route("**/*", route)
+    page.goto(path.as_uri())
+    page.wait_for_function("document.querySelectorAll('div.plot').length === "
+                           "document.querySelectorAll('div.plot.js-plotly-plot').length")
+    page.wait_for_timeout(300)
+    if shot is not None:
+        page.screenshot(path=str(shot), full_page=True)
+        keep = os.environ.get("PKSTRACE_SCREENSHOTS")
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            shutil.copy(shot, Path(keep) / shot.name)
+    return o
+
+
+# Per figure: is there a drawn plot, and how many traces/points does it show?
+DRAWN = """() => Array.from(document.querySelectorAll('div.plot')).map(d => ({
+  id: d.id,
+  svg: d.querySelectorAll('.main-svg').length,
+  traces: d.querySelectorAll('g.trace').length,
+  heatmapImages: d.querySelectorAll('g.hm image').length,
+  points: d.querySelectorAll('g.trace path.point, g.trace .js-line, g.trace path.js-fill')
+           .length,
+  bars: d.querySelectorAll('g.trace.bars path').length,
+}))"""
+
+
+def assert_all_drawn(o: Opened) -> list[dict[str, Any]]:
+    drawn = o.page.evaluate(DRAWN)
+    assert drawn, "no figures"
+    for d in drawn:
+        assert d["svg"] > 0, f"{d['id']}: no plotly SVG"
+        assert d["traces"] > 0 or d["heatmapImages"] > 0, f"{d['id']}: no traces drawn"
+        assert d["points"] + d["bars"] + d["heatmapImages"] > 0, f"{d['id']}: blank figure"
+    return drawn
+
+
+def assert_clean(o: Opened) -> None:
+    assert o.errors == [], o.errors
+    assert o.dialogs == [], f"script from the trace ran: {o.dialogs}"
+    assert o.requests == [], f"the page fetched: {o.requests[:3]}"
+    # Trace strings never became elements.
+    assert o.page.evaluate("document.querySelectorAll('img').length") == 0
+    assert o.page.evaluate("document.scripts.length") == 3
+
+
+@pytest.fixture(scope="module")
+def synthetic_reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("reports")
+    one, two = d / "v3.html", d / "v3-vs-lazy.html"
+    one.write_text(html.render([("v3.pkstrace", synth_findings("v3"))]))
+    two.write_text(html.render([("v3", synth_findings("v3")),
+                                ("lazy", synth_findings("lazy", seed=2))]))
+    return {"one": one, "two": two}
+
+
+def test_single_report_renders(browser: Any, synthetic_reports: dict[str, Path],
+                               tmp_path: Path) -> None:
+    o = open_report(browser, synthetic_reports["one"], tmp_path / "report-v3.png")
+    assert_clean(o)
+    drawn = assert_all_drawn(o)
+    assert len(drawn) >= 10
+    assert o.page.locator(".js-plotly-plot .main-svg").count() >= 10
+    assert (tmp_path / "report-v3.png").stat().st_size > 50_000
+
+
+def test_hostile_names_stay_text(browser: Any, synthetic_reports: dict[str, Path]) -> None:
+    o = open_report(browser, synthetic_reports["one"])
+    assert_clean(o)
+    body = o.page.evaluate("document.body.innerText")
+    assert HOSTILE_COMM in body
+    assert HOSTILE_SYMBOL in body
+    # ...also inside the figures (axis labels, legends), as SVG text.
+    svg_text = o.page.evaluate(
+        "Array.from(document.querySelectorAll('.js-plotly-plot text'))"
+        ".map(t => t.textContent).join('\\n')")
+    assert HOSTILE_COMM in svg_text
+    assert HOSTILE_SYMBOL in svg_text
+    # Hover text too: hover the redundant-writes bar for the hostile task.
+    fig = o.page.locator("#redundant div.plot").first
+    fig.scroll_into_view_if_needed()
+    bar = fig.locator("g.trace.bars path").last
+    box = bar.bounding_box()
+    assert box
+    o.page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    o.page.wait_for_timeout(300)
+    hover = o.page.evaluate("Array.from(document.querySelectorAll('.hoverlayer text'))"
+                            ".map(t => t.textContent).join(' ')")
+    assert HOSTILE_COMM in hover
+    assert o.dialogs == []
+
+
+def test_tables_sort_with_the_keyboard(browser: Any, synthetic_reports: dict[str, Path]) -> None:
+    o = open_report(browser, synthetic_reports["one"])
+    page = o.page
+    # Tab reaches a table header (links and headers are the focusable things).
+    for _ in range(200):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.tagName") == "TH":
+            break
+    else:
+        pytest.fail("no table header reachable with Tab")
+    th = page.locator("#latency table.sortable").first.locator("th").nth(1)  # calls
+    th.focus()
+    page.keyboard.press("Enter")
+    assert th.get_attribute("aria-sort") == "ascending"
+    col = page.locator("#latency table.sortable").first.locator("tbody tr td:nth-child(2)")
+    values = [float(v) for v in col.evaluate_all("tds => tds.map(t => t.dataset.v)")]
+    assert values == sorted(values)
+    page.keyboard.press("Enter")
+    assert th.get_attribute("aria-sort") == "descending"
+    values = [float(v) for v in col.evaluate_all("tds => tds.map(t => t.dataset.v)")]
+    assert values == sorted(values, reverse=True)
+    assert_clean(o)
+
+
+def test_comparison_renders_side_by_side(browser: Any, synthetic_reports: dict[str, Path],
+                                         tmp_path: Path) -> None:
+    o = open_report(browser, synthetic_reports["two"], tmp_path / "report-compare.png")
+    assert_clean(o)
+    assert_all_drawn(o)
+    text = o.page.locator("#compare").inner_text()
+    assert "remote cross-CPU calls: 2,800 → 0 (−2,800, −100%)" in text
+    assert o.page.locator("#summary .run").count() == 2
+
+
+def test_real_fixture_report_renders(browser: Any, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The whole path on a real capture from this host: import, analyse, render, draw."""
+    out = tmp_path / "ftrace.html"
+    rc = cli.main(["report", str(FIXTURES / "ftrace_cpuid_2cpu.txt"),
+                   str(FIXTURES / "perf_script_cpuid_2cpu.txt"), "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    o = open_report(browser, out, tmp_path / "report-fixtures.png")
+    assert_clean(o)
+    assert_all_drawn(o)
+    # The latency view has drawn lines for the real cpuid calls to CPU 1.
+    legend = o.page.locator("#latency").inner_text()
+    assert "cpuid_smp_cpuid" in legend
