@@ -44,12 +44,20 @@ def test_calibration_file_is_well_formed(calibration):
     doc = ipi.load(out / "calib.json")  # raises on any schema problem
     assert ipi.validate(doc) == []
     assert doc["cpus"] == [0, 1]
-    assert len(doc["remote_ns"]["idle"]) == 2 * 40  # two ordered pairs
-    assert len(doc["remote_ns"]["busy"]) == 2 * 40
-    assert len(doc["local_ns"]) == 2 * 40
+    # Two ordered pairs of 40 calls (fewer only if a sample was preempted 5 times over).
+    for state, pool in (("idle", doc["remote_ns"]["idle"]), ("busy", doc["remote_ns"]["busy"]),
+                        ("local", doc["local_ns"])):
+        ns = [p["n"] for p in doc["per_pair"] if p["state"] == state]
+        assert len(ns) == 2 and sum(ns) == len(pool) and all(0 < n <= 40 for n in ns)
     assert {(p["source_cpu"], p["target_cpu"], p["state"]) for p in doc["per_pair"]} == {
         (0, 0, "local"), (1, 1, "local"), (0, 1, "idle"), (0, 1, "busy"),
-        (1, 0, "idle"), (1, 0, "busy")}
+        (1, 0, "idle"), (1, 0, "busy"), (0, 1, "busy_spin"), (1, 0, "busy_spin")}
+    assert len(doc["remote_spin_ns"]["busy"]) == sum(
+        p["n"] for p in doc["per_pair"] if p["state"] == "busy_spin")
+    # The cpuid driver's caller sleeps until the target wakes it (since Linux
+    # 4.18); membarrier's caller spins. Both facts show in the context switches.
+    assert doc["caller_slept_fraction"]["0->1 idle"] > 0.5
+    assert doc["caller_slept_fraction"]["0->1 busy_spin"] == 0
     assert [r["cpus"] for r in doc["serial"]] == [1]
     assert doc["host"]["online_cpus"]
 
@@ -62,7 +70,7 @@ def test_latencies_are_plausible(calibration):
         assert 0 < med < TEN_MS
     for p in doc["per_pair"]:
         assert 0 < p["p50_ns"] <= p["p90_ns"] <= p["p99_ns"] < 10 * TEN_MS
-        assert p["n"] == 40
+        assert 0 < p["n"] <= 40
     # A remote call interrupts another CPU; the local one does not. On every host
     # we know of the remote median is the larger (ENVIRONMENT.md: ~50 us vs ~6 us).
     assert np.median(doc["remote_ns"]["idle"]) > np.median(doc["local_ns"])

@@ -142,65 +142,118 @@ def spinning_process(cpu: int) -> Iterator[int]:
             proc.stdout.close()
 
 
-# x86-64 machine code for `while (*flag == 0) pause;` -- a spin loop that runs
-# without holding Python's GIL (ctypes releases it around foreign calls), so a
-# thread of *this* process occupies a CPU without slowing the measuring thread.
-#   f3 90   pause
-#   8b 07   mov eax, [rdi]
-#   85 c0   test eax, eax
-#   74 f8   jz -8 (back to pause)
-#   c3      ret
-_SPIN_UNTIL_FLAG_X86_64 = bytes([0xF3, 0x90, 0x8B, 0x07, 0x85, 0xC0, 0x74, 0xF8, 0xC3])
+# x86-64 machine code for
+#     flag[1] = 1;                          /* tell Python we are in the loop */
+#     do flag[2]++; while (flag[0] == 0);   /* heartbeat until told to stop */
+# a spin loop that runs without Python's GIL (ctypes releases it around foreign
+# calls), so a thread of *this* process occupies a CPU without slowing the
+# measuring thread. No PAUSE: with a PAUSE in this loop, membarrier on this
+# Firecracker guest interrupted almost none of the spinning CPUs (their CAL
+# count in /proc/interrupts did not move; pause-loop exiting makes the vCPU
+# yield), without it every one (measured 2026-11-26: CAL delta over 2000 calls).
+#   c7 47 04 01 00 00 00   mov dword [rdi+4], 1
+#   ff 47 08               inc dword [rdi+8]
+#   8b 07                  mov eax, [rdi]
+#   85 c0                  test eax, eax
+#   74 f7                  jz -9 (back to inc)
+#   c3                     ret
+_SPIN_UNTIL_FLAG_X86_64 = bytes([0xC7, 0x47, 0x04, 0x01, 0x00, 0x00, 0x00,
+                                 0xFF, 0x47, 0x08, 0x8B, 0x07, 0x85, 0xC0, 0x74, 0xF7, 0xC3])
 
 
 class SpinningThreads:
     """Threads of this process spinning on given CPUs, GIL released, until stopped.
 
     ``membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`` interrupts exactly the CPUs
-    that are running a thread of the calling process; these threads put one there.
+    that are *currently running* a thread of the calling process; these threads
+    put one there. With ``realtime`` they ask for SCHED_FIFO (priority 1, root)
+    so other tasks do not take their CPU; off by default, to be fair to other
+    work on a shared host. Where another task runs on a spinner's CPU, that CPU
+    is not interrupted: :meth:`all_running` says
+    whether every spinner is on its CPU right now (its heartbeat moves), and
+    :meth:`schedule_ins` how often they were switched in, so a caller can drop
+    samples taken while one was not running.
     """
 
-    def __init__(self, cpus: list[int]) -> None:
+    def __init__(self, cpus: list[int], realtime: bool = False) -> None:
         if platform.machine() not in ("x86_64", "AMD64"):
             raise KernelFeatureError("spinning threads need x86-64 (their loop is x86 code)")
         self.cpus = list(cpus)
+        self.realtime = realtime
+        self.policy = "SCHED_FIFO" if realtime else "SCHED_OTHER"
         self._code = mmap.mmap(-1, mmap.PAGESIZE,
                                prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
         self._code.write(_SPIN_UNTIL_FLAG_X86_64)
         addr = ctypes.addressof(ctypes.c_char.from_buffer(self._code))
-        self._spin = ctypes.CFUNCTYPE(None, ctypes.POINTER(ctypes.c_int))(addr)
-        self._stop = ctypes.c_int(0)
-        self._started: list[threading.Event] = []
+        self._spin = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(addr)
+        # Per thread: [stop, spinning (1, or -1 = could not pin), heartbeat].
+        self._flags: list[ctypes.Array[ctypes.c_int]] = []
         self._threads: list[threading.Thread] = []
+        self.tids: list[int] = []
 
-    def _run(self, cpu: int, started: threading.Event) -> None:
+    def _run(self, cpu: int, flags: ctypes.Array[ctypes.c_int]) -> None:
         try:
             os.sched_setaffinity(0, {cpu})
-        finally:
-            started.set()
-        self._spin(ctypes.byref(self._stop))
+        except OSError:
+            flags[1] = -1
+            return
+        if self.realtime:
+            try:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+            except OSError:
+                self.policy = "SCHED_OTHER (SCHED_FIFO refused)"
+        self._spin(ctypes.addressof(flags))
+
+    def all_running(self, reads: int = 50) -> bool:
+        """True if every spinner's heartbeat moves now (it is on its CPU)."""
+        for f in self._flags:
+            first = f[2]
+            for _ in range(reads):
+                if f[2] != first:
+                    break
+            else:
+                return False
+        return True
 
     def __enter__(self) -> SpinningThreads:
         try:
             for cpu in self.cpus:
-                ev = threading.Event()
-                t = threading.Thread(target=self._run, args=(cpu, ev), daemon=True,
+                flags = (ctypes.c_int * 3)(0, 0, 0)
+                t = threading.Thread(target=self._run, args=(cpu, flags), daemon=True,
                                      name=f"spin-cpu{cpu}")
-                t.start()
-                self._started.append(ev)
+                self._flags.append(flags)
                 self._threads.append(t)
-            for ev in self._started:
-                ev.wait(5)
-            time.sleep(0.02)  # let each reach its CPU and enter the loop
+                t.start()
+            deadline = time.monotonic() + 10
+            while not all(f[1] for f in self._flags):
+                if time.monotonic() > deadline:
+                    raise KernelFeatureError("spinning threads did not start within 10 s "
+                                             "(host overloaded?)")
+                time.sleep(0.001)  # releases the GIL, so the threads can enter the loop
+            if any(f[1] < 0 for f in self._flags):
+                raise KernelFeatureError(f"cannot pin a spinning thread to CPUs {self.cpus}")
+            self.tids = [t.native_id for t in self._threads if t.native_id is not None]
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
 
+    def schedule_ins(self) -> int:
+        """How many times the spinners have been switched onto a CPU so far."""
+        total = 0
+        for tid in self.tids:
+            try:
+                with open(f"/proc/self/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[2])
+            except (OSError, ValueError, IndexError):
+                pass
+        return total
+
     def __exit__(self, *exc: object) -> None:
-        self._stop.value = 1
+        for f in self._flags:
+            f[0] = 1
         for t in self._threads:
             t.join()
         self._threads.clear()
-        # The mapping stays alive with the object: a late thread must never jump
-        # into unmapped memory.
+        # The code mapping lives as long as this object: a late thread must never
+        # jump into unmapped memory.

@@ -1,17 +1,32 @@
 """What a synchronous cross-CPU call costs on this host: the calibration for projections.
 
-A 16-byte ``pread`` of ``/dev/cpu/N/cpuid`` runs ``smp_call_function_single(N, ...,
-wait=1)``: the mechanism behind ``wrmsrl_on_cpu()``. We time it from each CPU to
-each other CPU (target idle, and target busy with a spinning process), and on the
-caller's own CPU (no interrupt: the local baseline).
+``remote_ns``: a 16-byte ``pread`` of ``/dev/cpu/N/cpuid`` runs ``cpuid_smp_cpuid``
+on CPU N. We time it from each CPU to each other CPU, with the target idle and
+with it busy (a spinning process), and on the caller's own CPU (``local_ns``: no
+interrupt). Note how the cpuid driver waits (arch/x86/kernel/cpuid.c, since
+Linux 4.18): ``smp_call_function_single_async()`` then ``wait_for_completion()``,
+so the caller *sleeps* and the target wakes it with a second IPI
+(``ttwu_queue_wakelist`` -> ``sched_ttwu_pending``); ``caller_slept_fraction``
+records it per measurement. That round trip is therefore an upper bound on
+``wrmsrl_on_cpu()``, whose caller spins (``smp_call_function_single(..., 1)``).
+
+``remote_spin_ns``: the spinning kind, measured directly where the target is
+busy: ``membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`` with one thread of ours
+running on the target IPIs exactly that CPU through ``smp_call_function_many(...,
+wait=1)`` and spins until it has run (per_pair state ``busy_spin``). membarrier
+skips CPUs not running our threads, so there is no spinning-caller figure for an
+idle target.
 
 Then the review's pattern: a global update that walks CPUs one after another
 (``serial``: one pread per target, as ``update_global_pkrs()`` calls
 ``wrmsrl_on_cpu()`` per CPU) against one broadcast that interrupts them all at
-once (``broadcast``: ``membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)``, which IPIs
-every CPU running a thread of this process and waits for all of them), for 1 to
-ncpu-1 target CPUs. Both run with the targets busy (the broadcast reaches only
+once (``broadcast``: one membarrier to every target running our thread), for 1
+to ncpu-1 target CPUs. Both with the targets busy (the broadcast reaches only
 CPUs running our threads); ``serial_idle`` adds the walk over idle targets.
+
+Samples during which the caller was preempted (involuntary context switch), or
+a membarrier target thread was switched out (the CPU might not have been
+interrupted), are dropped and retaken (``preempted_samples_dropped``).
 
 The result is a ``pkstrace-calibration`` JSON document (see :func:`validate`),
 which ``pkstrace replay --calibration FILE`` uses for its stall projection.
@@ -21,10 +36,13 @@ from __future__ import annotations
 
 import ctypes
 import datetime as dt
+import functools
 import json
 import os
+import resource
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,27 +82,62 @@ def _cpuid_fd(cpu: int) -> int:
         raise PrivilegeError(f"cannot open {path}: needs root") from None
 
 
-def _time_preads(fd: int, n: int) -> np.ndarray:
-    """n round trips of one synchronous cross-CPU call (or local call), ns each."""
-    out = np.empty(n, dtype=np.int64)
-    clock, pread = time.perf_counter_ns, os.pread
-    for i in range(n):
-        t0 = clock()
-        pread(fd, 16, 0)
-        out[i] = clock() - t0
-    return out
+@dataclass
+class _Samples:
+    ns: np.ndarray  # round trip of each kept call
+    preempted: int  # samples dropped: the caller was preempted during them
+    slept: int  # kept samples during which the caller slept (voluntary switch)
 
 
-def _time_serial_walk(fds: list[int], n: int) -> np.ndarray:
-    """n walks calling each target in turn (as update_global_pkrs() does), ns per walk."""
+def _timed(call: Callable[[], object], n: int, max_tries: int = 5,
+           spinners: SpinningThreads | None = None) -> _Samples:
+    """n round trips of ``call`` in ns.
+
+    A sample during which the caller was preempted (involuntary context switch:
+    another task took its CPU) measures the scheduler, not the call; it is
+    dropped and retaken, up to ``max_tries * n`` attempts. Voluntary switches
+    are kept and counted: the cpuid driver's caller sleeps until the target
+    wakes it (see the module docstring), which is part of that mechanism.
+    ``spinners`` (membarrier only): the target threads. A sample is dropped as
+    well unless each was on its CPU just before and just after the call and
+    none was switched in meanwhile: otherwise membarrier may have skipped a
+    CPU and measured nothing.
+    """
     out = np.empty(n, dtype=np.int64)
-    clock, pread = time.perf_counter_ns, os.pread
-    for i in range(n):
+    clock, usage, thread = time.perf_counter_ns, resource.getrusage, resource.RUSAGE_THREAD
+    kept = preempted = slept = 0
+    while kept < n and kept + preempted < max_tries * n:
+        if spinners is not None:
+            ins0 = spinners.schedule_ins()
+            ok_before = spinners.all_running()
+        r0 = usage(thread)
         t0 = clock()
+        call()
+        t1 = clock()
+        r1 = usage(thread)
+        if r1.ru_nivcsw != r0.ru_nivcsw or (spinners is not None and not (
+                ok_before and spinners.all_running() and spinners.schedule_ins() == ins0)):
+            preempted += 1
+            continue
+        slept += r1.ru_nvcsw != r0.ru_nvcsw
+        out[kept] = t1 - t0
+        kept += 1
+    return _Samples(out[:kept], preempted, slept)
+
+
+def _pread_once(fd: int) -> Callable[[], object]:
+    """One synchronous call to the CPU behind ``fd`` (or a local call on its own CPU)."""
+    return functools.partial(os.pread, fd, 16, 0)
+
+
+def _serial_walk(fds: list[int]) -> Callable[[], object]:
+    """Call each target in turn, as update_global_pkrs() calls wrmsrl_on_cpu() per CPU."""
+    pread = os.pread
+
+    def walk() -> None:
         for fd in fds:
             pread(fd, 16, 0)
-        out[i] = clock() - t0
-    return out
+    return walk
 
 
 class _Membarrier:
@@ -101,14 +154,10 @@ class _Membarrier:
     def _syscall(self, cmd: int) -> int:
         return int(self._libc.syscall(SYS_MEMBARRIER, cmd, 0, 0))
 
-    def time_calls(self, n: int) -> np.ndarray:
-        out = np.empty(n, dtype=np.int64)
-        clock, syscall = time.perf_counter_ns, self._libc.syscall
-        for i in range(n):
-            t0 = clock()
-            syscall(SYS_MEMBARRIER, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0)
-            out[i] = clock() - t0
-        return out
+    def call(self) -> Callable[[], object]:
+        """One broadcast: IPI every CPU running a thread of this process, wait for all."""
+        return functools.partial(self._libc.syscall, SYS_MEMBARRIER,
+                                 MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0)
 
 
 def _check_cpus(cpus: list[int] | None) -> list[int]:
@@ -134,6 +183,10 @@ def run(cpus: list[int] | None = None, iterations: int = 2000, warmup: int = 50,
     say = progress or (lambda _msg: None)
     fds = {c: _cpuid_fd(c) for c in cpus}
     notes: list[str] = []
+    dropped: dict[str, int] = {}  # label -> samples dropped because we were preempted
+    slept: dict[str, float] = {}  # label -> share of calls during which the caller slept
+    remote_spin: list[np.ndarray] = []
+    spinner_policy: set[str] = set()
     try:
         remote: dict[str, list[np.ndarray]] = {s: [] for s in STATES}
         local: list[np.ndarray] = []
@@ -143,54 +196,77 @@ def run(cpus: list[int] | None = None, iterations: int = 2000, warmup: int = 50,
             per_pair.append({"source_cpu": src, "target_cpu": tgt, "state": state,
                              **percentiles(s), "n": len(s)})
 
+        def measure(label: str, call: Callable[[], object],
+                    spinners: SpinningThreads | None = None) -> np.ndarray:
+            _timed(call, warmup)
+            got = _timed(call, iterations, max_tries=20 if spinners else 5,
+                         spinners=spinners)
+            if spinners is not None:
+                spinner_policy.add(spinners.policy)
+            if got.preempted:
+                dropped[label] = got.preempted
+            if len(got.ns) == 0:
+                raise KernelFeatureError(f"{label}: every sample was preempted; "
+                                         "the host is too busy to measure")
+            slept[label] = round(got.slept / len(got.ns), 3)
+            return got.ns
+
+        try:
+            barrier: _Membarrier | None = _Membarrier()
+        except KernelFeatureError as e:
+            barrier = None
+            notes.append(f"no spinning-caller or broadcast measurement: {e}")
+
         for src in cpus:
             with pinned(src):
                 say(f"local call on CPU {src}")
-                _time_preads(fds[src], warmup)
-                s = _time_preads(fds[src], iterations)
+                s = measure(f"{src}->{src} local", _pread_once(fds[src]))
                 local.append(s)
                 add_pair(src, src, "local", s)
                 for tgt in cpus:
                     if tgt == src:
                         continue
                     say(f"CPU {src} -> CPU {tgt}, target idle")
-                    _time_preads(fds[tgt], warmup)
-                    s = _time_preads(fds[tgt], iterations)
+                    s = measure(f"{src}->{tgt} idle", _pread_once(fds[tgt]))
                     remote["idle"].append(s)
                     add_pair(src, tgt, "idle", s)
                     say(f"CPU {src} -> CPU {tgt}, target busy")
                     with spinning_process(tgt):
-                        _time_preads(fds[tgt], warmup)
-                        s = _time_preads(fds[tgt], iterations)
+                        s = measure(f"{src}->{tgt} busy", _pread_once(fds[tgt]))
                     remote["busy"].append(s)
                     add_pair(src, tgt, "busy", s)
+                    if barrier is not None:
+                        # The same call with the caller spinning, as wrmsrl_on_cpu()
+                        # does: membarrier IPIs the one CPU running our thread.
+                        say(f"CPU {src} -> CPU {tgt}, target busy, caller spinning")
+                        with SpinningThreads([tgt]) as spinner:
+                            s = measure(f"{src}->{tgt} busy_spin", barrier.call(),
+                                        spinner)
+                        remote_spin.append(s)
+                        add_pair(src, tgt, "busy_spin", s)
 
         caller, others = cpus[0], cpus[1:]
         serial, serial_idle, broadcast = [], [], []
-        try:
-            barrier: _Membarrier | None = _Membarrier()
-        except KernelFeatureError as e:
-            barrier = None
-            notes.append(f"no broadcast measured: {e}")
         with pinned(caller):
             for k in range(1, len(others) + 1):
-                targets = others[:k]
+                walk = _serial_walk([fds[t] for t in others[:k]])
                 say(f"serial walk over {k} idle CPU(s)")
-                _time_serial_walk([fds[t] for t in targets], warmup)
-                serial_idle.append({"cpus": k, "state": "idle", "stall_ns": _time_serial_walk(
-                    [fds[t] for t in targets], iterations).tolist()})
+                serial_idle.append({"cpus": k, "state": "idle", "stall_ns": measure(
+                    f"serial {k} idle", walk).tolist()})
                 say(f"serial walk vs broadcast over {k} busy CPU(s)")
-                with SpinningThreads(targets):
-                    _time_serial_walk([fds[t] for t in targets], warmup)
-                    serial.append({"cpus": k, "state": "busy", "stall_ns": _time_serial_walk(
-                        [fds[t] for t in targets], iterations).tolist()})
+                with SpinningThreads(others[:k]) as spinners:
+                    serial.append({"cpus": k, "state": "busy", "stall_ns": measure(
+                        f"serial {k} busy", walk).tolist()})
                     if barrier is not None:
-                        barrier.time_calls(warmup)
-                        broadcast.append({"cpus": k, "state": "busy",
-                                          "stall_ns": barrier.time_calls(iterations).tolist()})
+                        broadcast.append({"cpus": k, "state": "busy", "stall_ns": measure(
+                            f"broadcast {k}", barrier.call(), spinners).tolist()})
         if len(cpus) == 2:
             notes.append("2 CPUs: serial and broadcast are measured for 1 target CPU only "
                          "(1..ncpu-1 targets)")
+        if dropped:
+            notes.append(f"{sum(dropped.values())} samples dropped and retaken: the caller "
+                         "was preempted, or a membarrier target thread was switched out "
+                         "(busy host)")
         facts = host_facts()
         if facts.get("virtualised"):
             notes.append("virtualised host: every IPI costs VM exits; bare metal is "
@@ -208,7 +284,10 @@ def run(cpus: list[int] | None = None, iterations: int = 2000, warmup: int = 50,
         "cpus": cpus,
         "iterations": iterations,
         "mechanism": {
-            "remote": "16-byte pread of /dev/cpu/N/cpuid (smp_call_function_single, wait=1)",
+            "remote": "16-byte pread of /dev/cpu/N/cpuid: smp_call_function_single_async + "
+                      "wait_for_completion (caller sleeps; the target wakes it)",
+            "remote_spin": "membarrier(PRIVATE_EXPEDITED) to one busy target: "
+                           "smp_call_function_many(wait=1), caller spins",
             "serial": "one pread per target CPU in turn, caller on CPU "
                       f"{caller}; targets busy (serial) or idle (serial_idle)",
             "broadcast": "membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) with a thread of "
@@ -220,6 +299,11 @@ def run(cpus: list[int] | None = None, iterations: int = 2000, warmup: int = 50,
         "serial": serial,
         "serial_idle": serial_idle,
         "broadcast": broadcast,
+        "remote_spin_ns": {"busy": np.concatenate(remote_spin).tolist() if remote_spin
+                           else []},
+        "caller_slept_fraction": slept,
+        "spinner_policy": sorted(spinner_policy),
+        "preempted_samples_dropped": dropped,
         "notes": notes,
     }
 
@@ -321,7 +405,8 @@ def format_table(doc: dict[str, Any]) -> str:
 def _pair_samples(doc: dict[str, Any]) -> list[tuple[dict[str, Any], np.ndarray]]:
     """Each per_pair row with its samples: the pools hold them in per_pair order."""
     pools = {"local": np.asarray(doc["local_ns"]),
-             **{s: np.asarray(doc["remote_ns"][s]) for s in STATES}}
+             **{s: np.asarray(doc["remote_ns"][s]) for s in STATES},
+             "busy_spin": np.asarray((doc.get("remote_spin_ns") or {}).get("busy", []))}
     offset = dict.fromkeys(pools, 0)
     out = []
     for p in doc["per_pair"]:
