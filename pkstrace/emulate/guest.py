@@ -3,10 +3,10 @@
 The guest's /init loads the PKS module and runs ``python3 -m pkstrace.emulate.guest
 /etc/pkstrace-run.json``. This driver records nothing itself: it starts the
 project's recorder (``python3 -m pkstrace.backends.tracefs``) streaming raw ftrace
-lines to the first virtio console (/dev/hvc0, a file on the host), so events leave
+lines to the virtio-serial port "pkstrace.events" (a file on the host), so events leave
 the guest as they are produced, even if the kernel then dies; it then starts the
 scenario, stops the recorder, and reports host facts and the module's counters on
-the second virtio console (/dev/hvc1) as JSON lines ``{"type": ..., ...}``.
+the port "pkstrace.results" as JSON lines ``{"type": ..., ...}``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import sys
 import time
 from typing import Any
 
-RESULTS_DEV = "/dev/hvc1"
-EVENTS_DEV = "/dev/hvc0"
+EVENTS_PORT = "pkstrace.events"  # virtio-serial port names (see qemu.py)
+RESULTS_PORT = "pkstrace.results"
 CONTROL = "/sys/kernel/debug/pks_test/control"
 COUNTERS = "/sys/kernel/debug/pks_test/counters"
 READY = "/tmp/pkstrace.ready"
@@ -32,6 +32,15 @@ def _read(path: str) -> str:
             return f.read().strip()
     except OSError:
         return ""
+
+
+def port_device(name: str) -> str:
+    """/dev node of the virtio-serial port called ``name`` (no udev in the guest)."""
+    base = "/sys/class/virtio-ports"
+    for port in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        if _read(f"{base}/{port}/name") == name:
+            return f"/dev/{port}"
+    raise OSError(f"no virtio-serial port named {name}")
 
 
 def host_facts() -> dict[str, Any]:
@@ -59,14 +68,14 @@ def host_facts() -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     with open(argv[0]) as f:
         cfg = json.load(f)
-    results = open(RESULTS_DEV, "w", buffering=1)  # noqa: SIM115 (held for the whole run)
+    results = open(port_device(RESULTS_PORT), "w", buffering=1)  # noqa: SIM115 (held for the whole run)
 
     def say(kind: str, **fields: Any) -> None:
         results.write(json.dumps({"type": kind, **fields}) + "\n")
         results.flush()
 
     say("facts", facts=host_facts())
-    cmd = [sys.executable, "-m", "pkstrace.backends.tracefs", "--out", EVENTS_DEV,
+    cmd = [sys.executable, "-m", "pkstrace.backends.tracefs", "--out", port_device(EVENTS_PORT),
            "--events", ",".join(cfg["events"]), "--msr", cfg["msr"],
            "--buffer-kb", str(cfg["buffer_kb"]), "--clock", cfg["clock"],
            "--stop-file", STOP, "--ready-file", READY]
@@ -106,8 +115,14 @@ def main(argv: list[str]) -> int:
     try:
         rec.wait(timeout=cfg["stop_timeout_s"])
     except subprocess.TimeoutExpired:
+        say("error", message=f"recorder still streaming {cfg['stop_timeout_s']} s after "
+                             "the stop request; stopped with SIGTERM")
         rec.terminate()
-        rec.wait(timeout=10)
+        try:
+            rec.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            rec.kill()
+            rec.wait()
     say("done", recorder_status=rec.returncode)
     results.close()
     return 0

@@ -126,7 +126,7 @@ def describe() -> str:
         for w in words:
             if len(cur) + len(w) + 1 > 96:
                 lines.append(cur.rstrip())
-                cur = "              "
+                cur = "             "
             cur += " " + w
         lines.append(cur.rstrip())
         lines.append(f"{'':14}expected outcome: {s.expect}")
@@ -224,13 +224,11 @@ def panic_progress(console: str) -> list[str]:
 
 def run(o: RunOptions, log: Callable[[str], None] = print) -> RunResult:
     """Boot, run, record, write the trace. Raises PkstraceError on set-up failures only."""
-    from pkstrace import schema, tracefile
+    from pkstrace import tracefile
     from pkstrace.emulate.initramfs import run_archive
     from pkstrace.emulate.module import build_module
-    from pkstrace.importers.ftrace_text import parse_text
 
     iso = check_options(o)
-    sc = SCENARIOS[o.scenario]
     if o.output.exists() and not o.force:
         raise tracefile.TraceFileError(f"{o.output} exists (use --force to overwrite)")
     t_start = time.monotonic()
@@ -258,31 +256,67 @@ def run(o: RunOptions, log: Callable[[str], None] = print) -> RunResult:
         notes.append(f"attempt {attempt}: guest hit a stale int3 while the tracer patched "
                      "kernel text (TCG artefact); booted again")
         log(f"emulate: {notes[-1]}")
-    console_text = boot.console.read_text(errors="replace")
-    status = boot.status
-    if boot.tcg_int3 and "counters" in results and status == "panic":
+    record = {
+        "options": {"scenario": o.scenario, "cpus": o.cpus, "isolated": iso,
+                    "iterations": o.iterations, "threads": o.threads},
+        "kernel": kern.release, "append": append, "timeout_s": timeout, "clock": cfg["clock"],
+        "boot": {"status": boot.status, "wall_s": round(boot.wall_s, 3), "panic": boot.panic,
+                 "warnings": boot.warnings, "tcg_int3": boot.tcg_int3,
+                 "returncode": boot.returncode, "command": boot.command},
+        "notes": notes, "wall_s": round(time.monotonic() - t_start, 3),
+    }
+    (work / "run.json").write_text(json.dumps(record, indent=1))
+    return build_trace(work, o.output, force=o.force, log=log)
+
+
+def build_trace(work: Path, output: Path, force: bool = False,
+                log: Callable[[str], None] = print) -> RunResult:
+    """Turn a run directory (kept under the cache's runs/) into a .pkstrace.
+
+    Separate from the boot so that a run is never lost: ``pkstrace emulate
+    --rebuild DIR`` redoes this step from the files the guest left.
+    """
+    from pkstrace import schema, tracefile
+    from pkstrace.importers.ftrace_text import parse_text
+
+    try:
+        record = json.loads((work / "run.json").read_text())
+        opts = record["options"]
+        sc = SCENARIOS[opts["scenario"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EmulateError(f"{work}: not a pkstrace emulate run directory ({e})") from None
+    if output.exists() and not force:
+        raise tracefile.TraceFileError(f"{output} exists (use --force to overwrite)")
+    bootrec = record["boot"]
+    results = read_results(work / "results.jsonl")
+    console = work / "console.log"
+    console_text = console.read_text(errors="replace") if console.exists() else ""
+    notes = list(record.get("notes", []))
+    status = bootrec["status"]
+    if bootrec["tcg_int3"] and "counters" in results and status == "panic":
         # the run and its counters were complete; the crash hit the probes' removal
         status = "ok"
         notes.append("guest crashed after the run while the tracer removed its probes "
                      "(TCG stale int3); events and counters are complete")
     elif status == "ok" and "done" not in results:
         status = "incomplete"
-    if boot.panic and status != "ok":
-        notes.append(f"guest panicked: {boot.panic}")
-    notes += [f"guest console: {w}" for w in boot.warnings[:5]]
+    if bootrec["panic"] and status != "ok":
+        notes.append(f"guest panicked: {bootrec['panic']}")
+    notes += [f"guest console: {w}" for w in bootrec["warnings"][:5]]
     notes += [f"guest driver: {e}" for e in results["errors"]]
     if status == "timeout":
-        notes.append(f"guest did not finish within {timeout:.0f} s and was stopped")
+        notes.append(f"guest did not finish within {record['timeout_s']:.0f} s and was stopped")
 
     # Keep the console log beside the trace: a panic or a warning is a result.
-    console_out = o.output.with_name(o.output.name + ".console.log")
+    console_out = output.with_name(output.name + ".console.log")
     try:
-        o.output.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(boot.console, console_out)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(console, console_out)
     except OSError as e:
         raise EmulateError(f"cannot write {console_out}: {e.strerror}") from None
 
-    events_text = boot.events.read_text(errors="replace") if boot.events.exists() else ""
+    events = work / "events.txt"
+    events_text = events.read_text(errors="replace") if events.exists() else ""
     smeta = stream_meta(events_text)
     df, stats = parse_text(events_text)
     facts = results.get("facts", {}).get("facts", {})
@@ -293,18 +327,19 @@ def run(o: RunOptions, log: Callable[[str], None] = print) -> RunResult:
                         "updates_logged": len(panic_progress(console_text))}
     else:
         ground_truth["complete"] = True
-
+    iso = list(opts["isolated"])
     host = {
         "hostname": facts.get("hostname", "pkstrace-guest"),
-        "kernel": facts.get("kernel", kern.release),
+        "kernel": facts.get("kernel", record["kernel"]),
         "cpu_model": facts.get("cpu_model", "QEMU TCG -cpu max"),
         "cpu_flags": facts.get("cpu_flags", []),
-        "online_cpus": schema.parse_cpulist(facts.get("online", "")) or list(range(o.cpus)),
+        "online_cpus": (schema.parse_cpulist(facts.get("online", ""))
+                        or list(range(opts["cpus"]))),
         "isolated_cpus": schema.parse_cpulist(facts.get("isolated", "")) if facts else iso,
         "nohz_full_cpus": schema.parse_cpulist(facts.get("nohz_full", "")) if facts else iso,
         "pks": bool(counters.get("pks_cpuid", True)),
         "emulated": True,
-        "cmdline": facts.get("cmdline", append),
+        "cmdline": facts.get("cmdline", record["append"]),
     }
     lost = {int(k): int(v) for k, v in (smeta.get("lost") or {}).items()}
     for cpu, n in stats.lost_events.items():
@@ -312,7 +347,7 @@ def run(o: RunOptions, log: Callable[[str], None] = print) -> RunResult:
     ts = df["ts"].to_numpy() if len(df) else []
     meta = schema.TraceMeta(
         host=host,
-        clock=str(smeta.get("clock") or cfg["clock"]),
+        clock=str(smeta.get("clock") or record["clock"]),
         backend="tracefs",
         mode="events",
         window={"start_ns": int(min(ts)), "end_ns": int(max(ts))} if len(ts) else {},
@@ -321,24 +356,24 @@ def run(o: RunOptions, log: Callable[[str], None] = print) -> RunResult:
         unmodeled_events=dict(stats.unmodeled_events),
         unparsed_lines=dict(stats.unparsed_lines),
         scenario={
-            "name": o.scenario, "design": sc.summary, "cpus": o.cpus,
-            "isolated": iso, "iterations": o.iterations, "threads": o.threads,
-            "kernel": kern.release, "status": status, "expected": sc.expect,
-            "wall_s": round(time.monotonic() - t_start, 3), "boot_wall_s": round(boot.wall_s, 3),
+            "name": sc.name, "design": sc.summary, "cpus": opts["cpus"],
+            "isolated": iso, "iterations": opts["iterations"], "threads": opts["threads"],
+            "kernel": record["kernel"], "status": status, "expected": sc.expect,
+            "wall_s": record["wall_s"], "boot_wall_s": bootrec["wall_s"],
             "run_s": results.get("ran", {}).get("run_s"),
             "attach_s": results.get("recording", {}).get("attach_s"),
-            "panic": boot.panic, "warnings": boot.warnings,
-            "console_log": str(console_out), "qemu": boot.command,
+            "panic": bootrec["panic"], "warnings": bootrec["warnings"],
+            "console_log": console_out.name, "run_dir": str(work), "qemu": bootrec["command"],
         },
         ground_truth=ground_truth,
-        command=["pkstrace", "emulate", "--scenario", o.scenario, "--cpus", str(o.cpus),
-                 "--isolated", o.isolated, "--iterations", str(o.iterations),
-                 "--threads", str(o.threads)],
+        command=["pkstrace", "emulate", "--scenario", sc.name, "--cpus", str(opts["cpus"]),
+                 "--isolated", _cpulist(iso), "--iterations", str(opts["iterations"]),
+                 "--threads", str(opts["threads"])],
         source="emulated",
         partial=status != "ok",
         notes=notes,
     )
-    tracefile.write_trace(o.output, schema.Trace(events=df, meta=meta), force=o.force)
-    return RunResult(output=o.output, status=status, expected=sc.expect,
-                     console_log=console_out, wall_s=time.monotonic() - t_start,
+    tracefile.write_trace(output, schema.Trace(events=df, meta=meta), force=force)
+    return RunResult(output=output, status=status, expected=sc.expect,
+                     console_log=console_out, wall_s=float(record["wall_s"]),
                      ground_truth=ground_truth, notes=notes)

@@ -37,9 +37,11 @@
  *   stale_hits   write_pkrs(v) finds v in its cache (no MSR write) while the
  *                MSR holds another value: the MSR value at entry, i.e. the
  *                last 0x6e1 write on that CPU before the write_pkrs event.
- *   lost_remote  a remote write that changed this CPU's MSR landed inside a
- *                write_pkrs(v) call (after its entry, before its own MSR
- *                write) and was then overwritten by that call with v != it.
+ *   lost_remote  a remote PKRS write u (an IPI handler: the kernel's
+ *                __wrmsr_on_cpu, seen through a kprobe the module registers,
+ *                or the broadcast handler) landed inside a write_pkrs(v) call,
+ *                after its entry and before its own MSR write, and that call
+ *                then wrote v != u: the update was overwritten.
  */
 #include <linux/atomic.h>
 #include <linux/completion.h>
@@ -47,6 +49,7 @@
 #include <linux/debugfs.h>
 #include <linux/delay.h>
 #include <linux/hrtimer.h>
+#include <linux/kprobes.h>
 #include <linux/kthread.h>
 #include <linux/ktime.h>
 #include <linux/module.h>
@@ -83,6 +86,9 @@ module_param(threads, int, 0444);
 MODULE_PARM_DESC(threads, "writer kthreads (isolated CPUs first, then the highest others)");
 static int updater_cpu;
 module_param(updater_cpu, int, 0444);
+static int race_delay_us = 300;
+module_param(race_delay_us, int, 0444);
+MODULE_PARM_DESC(race_delay_us, "v3-race: delay between a remote cache store and its IPI");
 MODULE_PARM_DESC(updater_cpu, "CPU the global updates are issued from");
 
 static enum design design;
@@ -106,6 +112,10 @@ struct pks_stats {
 	u64 lazy_applies;	/* a pending global value picked up by write_pkrs() */
 	u64 handler_runs;	/* broadcast handler ran here */
 	unsigned long applied_gen;
+	/* lost_remote bookkeeping: inside write_pkrs(), before its MSR write */
+	int in_wp;
+	bool nested;		/* a remote PKRS write landed in that window */
+	u32 nested_val;
 };
 static DEFINE_PER_CPU(struct pks_stats, pks_stats);
 /* Remote calls aimed at each CPU, counted by the caller. */
@@ -123,7 +133,7 @@ static bool cpu_has_pks, cr4_pks_set;
 static struct task_struct *updater_task;
 static struct task_struct **writer_tasks;
 static int nr_writers;
-static atomic_t round_gen, writers_done, race_stop;
+static atomic_t round_gen, writers_done, race_stop, race_window;
 static DECLARE_COMPLETION(run_done);
 static atomic_t run_state;	/* 0 idle, 1 running, 2 done */
 static struct dentry *dbg_dir;
@@ -133,18 +143,28 @@ static bool design_is_lazy(void)
 	return design == D_LAZY || design == D_HOUSEKEEPING;
 }
 
-/* Write the MSR, irqs off so that "MSR changed under us" is checked atomically. */
-static void pks_msr_write_local(struct pks_stats *st, u32 entry_msr, u32 val)
+/* A remote PKRS write is landing on this CPU (irqs off, IPI handler). */
+static void note_remote_write(u32 val)
+{
+	struct pks_stats *st = this_cpu_ptr(&pks_stats);
+
+	if (st->in_wp) {
+		st->nested = true;
+		st->nested_val = val;
+	}
+}
+
+/* Write the MSR with irqs off, so the "landed inside" window closes atomically. */
+static void pks_msr_write_local(struct pks_stats *st, u32 val)
 {
 	unsigned long flags;
-	u64 now;
 
 	local_irq_save(flags);
-	rdmsrl(MSR_IA32_PKRS_NR, now);
-	if ((u32)now != entry_msr && (u32)now != val)
-		st->lost_remote++;
 	wrmsrl(MSR_IA32_PKRS_NR, val);
 	st->msr_writes++;
+	if (st->nested && st->nested_val != val)
+		st->lost_remote++;
+	st->in_wp = 0;
 	local_irq_restore(flags);
 }
 
@@ -158,6 +178,8 @@ noinline void write_pkrs(u32 new)
 	/* Bookkeeping only: what the MSR held when the call began. */
 	rdmsrl(MSR_IA32_PKRS_NR, entry_msr);
 	st = this_cpu_ptr(&pks_stats);
+	st->nested = false;
+	st->in_wp = 1;
 	st->calls++;
 	if (design_is_lazy()) {
 		unsigned long gen = READ_ONCE(global_gen);
@@ -171,8 +193,9 @@ noinline void write_pkrs(u32 new)
 	}
 	if (*pkrs != new) {
 		*pkrs = new;
-		pks_msr_write_local(st, (u32)entry_msr, new);
+		pks_msr_write_local(st, new);
 	} else {
+		st->in_wp = 0;
 		st->cache_hits++;
 		if ((u32)entry_msr != new)
 			st->stale_hits++;
@@ -187,12 +210,29 @@ static void pks_apply_handler(void *info)
 	u32 val = (u32)(unsigned long)info;
 	struct pks_stats *st = this_cpu_ptr(&pks_stats);
 
+	note_remote_write(val);
 	this_cpu_write(pkrs_cache, val);
 	wrmsrl(MSR_IA32_PKRS_NR, val);
 	st->msr_writes++;
 	st->handler_runs++;
 	st->applied_gen = READ_ONCE(global_gen);
 }
+
+/* wrmsrl_on_cpu()'s handler is the kernel's: watch it with a kprobe. */
+static int wrmsr_on_cpu_pre(struct kprobe *p, struct pt_regs *regs)
+{
+	struct msr_info *rv = (struct msr_info *)regs->di;
+
+	if (rv && rv->msr_no == MSR_IA32_PKRS_NR)
+		note_remote_write((u32)rv->reg.q);
+	return 0;
+}
+
+static struct kprobe wrmsr_kp = {
+	.symbol_name = "__wrmsr_on_cpu",
+	.pre_handler = wrmsr_on_cpu_pre,
+};
+static bool wrmsr_kp_on;
 
 static void count_call(int cpu, int self)
 {
@@ -206,6 +246,12 @@ static void count_call(int cpu, int self)
 		atomic_long_inc(&isolated_hits);
 }
 
+/*
+ * v3-race widens the window between the remote cache store and the IPI that
+ * writes the MSR (a real IPI takes 3-100 us to land; under TCG it is often
+ * quicker): a writer on that CPU now reliably finds the new value in its cache
+ * while its MSR still holds the old one.
+ */
 static void v3_walk(u32 new, bool headroom)
 {
 	int cpu, self = raw_smp_processor_id(), n = num_online_cpus();
@@ -219,6 +265,8 @@ static void v3_walk(u32 new, bool headroom)
 
 		*p = new;	/* unsynchronised store into another CPU's cache */
 		put_cpu_ptr(p);	/* the reviewed imbalance: no matching get */
+		if (design == D_V3_RACE && cpu != self)
+			udelay(race_delay_us);
 		count_call(cpu, self);
 		wrmsrl_on_cpu(cpu, MSR_IA32_PKRS_NR, new);
 	}
@@ -318,8 +366,14 @@ static int writer_fn(void *unused)
 		}
 		seen = gen;
 		if (design == D_V3_RACE) {
-			while (!atomic_read(&race_stop) && !kthread_should_stop())
-				writer_round();
+			/* write while an update walks; rest in between (trace volume) */
+			while (!atomic_read(&race_stop) && !kthread_should_stop()) {
+				if (atomic_read(&race_window)) {
+					writer_round();
+					udelay(20);
+				} else
+					writer_nap();
+			}
 		} else {
 			writer_round();
 		}
@@ -357,11 +411,16 @@ static int updater_fn(void *unused)
 			int pkey = 1 + i % 14;	/* never pkey 0: the kernel's own pages */
 			unsigned long prot = ((READ_ONCE(global_pkrs) >> (2 * pkey)) & 3) ^ 1;
 
-			if (design != D_V3_RACE)
+			if (design != D_V3_RACE) {
 				run_writers_round();
+				update_global_pkrs(pkey, prot);
+				continue;
+			}
+			atomic_set(&race_window, 1);
+			udelay(300);	/* writers see the window open before the walk */
 			update_global_pkrs(pkey, prot);
-			if (design == D_V3_RACE)
-				udelay(200);
+			atomic_set(&race_window, 0);
+			usleep_range(1000, 2000);
 		}
 		if (design == D_V3_RACE) {
 			atomic_set(&race_stop, 1);
@@ -383,9 +442,11 @@ static int counters_show(struct seq_file *m, void *v)
 	u64 calls = 0, hits = 0, msrw = 0, stale = 0, lostr = 0, lazy = 0, hand = 0;
 
 	seq_printf(m, "{\"scenario\": \"%s\", \"state\": %d, \"iterations\": %d, "
-		   "\"writers\": %d, \"updater_cpu\": %d, \"pks_cpuid\": %s, \"cr4_pks\": %s,\n",
+		   "\"writers\": %d, \"updater_cpu\": %d, \"pks_cpuid\": %s, \"cr4_pks\": %s, "
+		   "\"lost_remote_counted\": %s,\n",
 		   design_names[design], atomic_read(&run_state), iterations, nr_writers,
-		   updater_cpu, cpu_has_pks ? "true" : "false", cr4_pks_set ? "true" : "false");
+		   updater_cpu, cpu_has_pks ? "true" : "false", cr4_pks_set ? "true" : "false",
+		   (wrmsr_kp_on || design > D_V3_RAW) ? "true" : "false");
 	seq_printf(m, " \"online_cpus\": \"%*pbl\", \"isolated_cpus\": \"%*pbl\", "
 		   "\"writer_cpus\": \"%*pbl\",\n", cpumask_pr_args(cpu_online_mask),
 		   cpumask_pr_args(&isolated_mask), cpumask_pr_args(&writer_mask));
@@ -515,6 +576,15 @@ static int __init pks_test_init(void)
 		pr_warn("pks_test: CPU lacks PKS (CPUID.7.0:ECX[31]); MSR 0x6e1 writes may fault\n");
 	}
 
+	if (design <= D_V3_RAW) {
+		int err = register_kprobe(&wrmsr_kp);
+
+		wrmsr_kp_on = !err;
+		if (err)
+			pr_warn("pks_test: kprobe on __wrmsr_on_cpu failed (%d): lost_remote not counted\n",
+				err);
+	}
+
 	for_each_online_cpu(cpu)
 		if (!housekeeping_test_cpu(cpu, HK_TYPE_DOMAIN) ||
 		    !housekeeping_test_cpu(cpu, HK_TYPE_TICK))
@@ -551,6 +621,8 @@ static int __init pks_test_init(void)
 	return 0;
 nomem:
 	stop_threads();
+	if (wrmsr_kp_on)
+		unregister_kprobe(&wrmsr_kp);
 	kfree(stall_ns);
 	kfree(writer_tasks);
 	if (cr4_pks_set)
@@ -564,6 +636,8 @@ static void __exit pks_test_exit(void)
 	if (atomic_read(&run_state) == 1)
 		wait_for_completion(&run_done);
 	stop_threads();
+	if (wrmsr_kp_on)
+		unregister_kprobe(&wrmsr_kp);
 	if (cr4_pks_set)
 		on_each_cpu(disable_pks, NULL, 1);
 	kfree(stall_ns);
