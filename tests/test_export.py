@@ -55,7 +55,23 @@ def check_chrome_trace(doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
         if e["ph"] == "i":
             assert e["s"] == "t", e
         by_ph.setdefault(e["ph"], []).append(e)
+    assert_nested(by_ph.get("X", []))
     return by_ph
+
+
+def assert_nested(slices: list[dict[str, Any]]) -> None:
+    """Complete slices on one track must nest (viewers drop ones that straddle)."""
+    by_tid: dict[int, list[tuple[float, float]]] = {}
+    for x in slices:
+        by_tid.setdefault(x["tid"], []).append((x["ts"], x["ts"] + x["dur"]))
+    for tid, spans in by_tid.items():
+        spans.sort(key=lambda s: (s[0], -s[1]))
+        stack: list[float] = []
+        for a, b in spans:
+            while stack and stack[-1] <= a:
+                stack.pop()
+            assert not stack or b <= stack[-1] + 1e-9, f"tid {tid}: slice {a}-{b} straddles"
+            stack.append(b)
 
 
 def check_flows(by_ph: dict[str, list[dict[str, Any]]]) -> int:

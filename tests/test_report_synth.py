@@ -61,11 +61,18 @@ def synth_findings(variant: str = "v3", n_calls: int = 2800, seed: int = 1,
     # Calls: the caller on CPU 0 walks CPUs 1..n-1 (serial), one at a time.
     funcs = np.array(["pks_update_remote", HOSTILE_SYMBOL, "do_sync_core"], dtype=object)
     target = rng.integers(1, n_cpus, n_calls)
-    queue = np.sort(rng.integers(start, start + duration_ns - 1_000_000, n_calls))
     idle = rng.random(n_calls) < 0.5
     lat = (rng.lognormal(np.log(45_000), 0.35, n_calls) * np.where(idle, 1.4, 1.0)).astype(
         np.int64)
     handler = rng.integers(800, 3000, n_calls)
+    # Synchronous calls, one at a time: each is queued after the previous one returned,
+    # so handlers on one CPU never overlap (as in a real serial walk).
+    busy = lat + handler + 2_000
+    room = max(duration_ns - 1_000_000 - int(busy.sum()), n_calls)
+    gaps = rng.random(n_calls)
+    gaps = (gaps / gaps.sum() * room).astype(np.int64) if n_calls else gaps.astype(np.int64)
+    queue = start + np.concatenate([[0], np.cumsum(busy + gaps)[:-1]]).astype(np.int64) \
+        if n_calls else np.zeros(0, dtype=np.int64)
     func = funcs[rng.choice(3, n_calls, p=[0.8, 0.1, 0.1])]
     f.calls = pd.DataFrame({
         "queue_ns": queue, "entry_ns": queue + lat, "exit_ns": queue + lat + handler,

@@ -108,6 +108,38 @@ def _metadata(trace: schema.Trace, findings: Findings) -> list[str]:
     return out
 
 
+def _queue_durations(queue: np.ndarray, src: np.ndarray, entry: np.ndarray,
+                     exit_: np.ndarray, tgt: np.ndarray, has_entry: np.ndarray,
+                     flow: np.ndarray) -> np.ndarray:
+    """Length of each queue slice: up to QUEUE_SLICE_NS, but never past the next slice
+    on the sender's track nor past the end of a handler it sits in, so slices nest
+    properly (viewers drop improperly nested slices). One loop step per CPU."""
+    dur = np.ones(len(queue), dtype=np.int64)
+    if not flow.any():
+        return dur
+    h_end_all = np.where(np.isfinite(exit_), exit_, entry)
+    for cpu in np.unique(src[flow]):
+        qi = np.flatnonzero(flow & (src == cpu))
+        q = queue[qi].astype(np.int64)
+        hm = has_entry & (tgt == cpu)
+        h_start = entry[hm].astype(np.int64)
+        h_end = h_end_all[hm].astype(np.int64)
+        order = np.argsort(h_start, kind="stable")
+        h_start, h_end = h_start[order], h_end[order]
+        starts = np.sort(np.concatenate([h_start, q]))
+        nxt = np.searchsorted(starts, q, side="right")
+        next_start = np.where(nxt < len(starts), starts[np.minimum(nxt, len(starts) - 1)],
+                              np.iinfo(np.int64).max)
+        d = np.minimum(QUEUE_SLICE_NS, next_start - q)
+        d = np.minimum(d, entry[qi].astype(np.int64) - q)
+        if len(h_start):
+            k = np.searchsorted(h_start, q, side="right") - 1
+            end = h_end[np.maximum(k, 0)]
+            d = np.where((k >= 0) & (end > q), np.minimum(d, end - q), d)
+        dur[qi] = np.maximum(d, 1)
+    return dur
+
+
 def _call_rows(calls: pd.DataFrame, origin: int) -> Iterator[pd.Series]:
     """Handler slices, queue slices and their flows, CHUNK_ROWS calls at a time."""
     if len(calls) == 0:
@@ -120,6 +152,8 @@ def _call_rows(calls: pd.DataFrame, origin: int) -> Iterator[pd.Series]:
     local = pd.Series(pd.to_numeric(calls["local"], errors="coerce")).to_numpy(
         dtype=float, na_value=np.nan) == 1
     has_entry = np.isfinite(entry) & np.isfinite(tgt) & (tgt >= 0)
+    flow = has_entry & np.isfinite(queue) & np.isfinite(src) & (src >= 0) & ~local
+    qdur_all = _queue_durations(queue, src, entry, exit_, tgt, has_entry, flow)
     for lo in range(0, len(calls), CHUNK_ROWS):
         sl = slice(lo, lo + CHUNK_ROWS)
         part = calls.iloc[sl]
@@ -143,14 +177,14 @@ def _call_rows(calls: pd.DataFrame, origin: int) -> Iterator[pd.Series]:
                                               .astype(np.int64)).astype(str)
                + ',"latency_ns":' + lat_s + "}}")
         # Queue slice + flow start on the sender, flow end on the target's handler.
-        fl = he & np.isfinite(queue[sl]) & np.isfinite(src[sl]) & (src[sl] >= 0) & ~local[sl]
+        fl = flow[sl]
         if not fl.any():
             continue
         q = queue[sl][fl].astype(np.int64)
         s_cpu = pd.Series(src[sl][fl].astype(np.int64)).astype(str)
         t_cpu = pd.Series(tgt[sl][fl].astype(np.int64)).astype(str)
         ent = entry[sl][fl].astype(np.int64)
-        qdur = np.minimum(QUEUE_SLICE_NS, np.maximum(ent - q, 1))
+        qdur = qdur_all[sl][fl]
         fid = pd.Series(idx[fl] + 1).astype(str)
         ffunc = pd.Series(_jstr(part[fl]["func"]).to_numpy())
         qts = _us(q - origin)
