@@ -90,7 +90,7 @@ class _Samples:
 
 
 def _timed(call: Callable[[], object], n: int, max_tries: int = 5,
-           spinners: SpinningThreads | None = None) -> _Samples:
+           spinners: SpinningThreads | None = None, wait_s: float = 20.0) -> _Samples:
     """n round trips of ``call`` in ns.
 
     A sample during which the caller was preempted (involuntary context switch:
@@ -101,22 +101,30 @@ def _timed(call: Callable[[], object], n: int, max_tries: int = 5,
     ``spinners`` (membarrier only): the target threads. A sample is dropped as
     well unless each was on its CPU just before and just after the call and
     none was switched in meanwhile: otherwise membarrier may have skipped a
-    CPU and measured nothing.
+    CPU and measured nothing. While a spinner is off its CPU we wait (at most
+    ``wait_s`` in all) instead of calling.
     """
     out = np.empty(n, dtype=np.int64)
     clock, usage, thread = time.perf_counter_ns, resource.getrusage, resource.RUSAGE_THREAD
     kept = preempted = slept = 0
+    deadline = time.monotonic() + wait_s
     while kept < n and kept + preempted < max_tries * n:
         if spinners is not None:
+            if not spinners.all_running():
+                # A target thread is off its CPU (another task runs there): wait
+                # for the scheduler to put it back rather than measure nothing.
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.0002)
+                continue
             ins0 = spinners.schedule_ins()
-            ok_before = spinners.all_running()
         r0 = usage(thread)
         t0 = clock()
         call()
         t1 = clock()
         r1 = usage(thread)
         if r1.ru_nivcsw != r0.ru_nivcsw or (spinners is not None and not (
-                ok_before and spinners.all_running() and spinners.schedule_ins() == ins0)):
+                spinners.all_running() and spinners.schedule_ins() == ins0)):
             preempted += 1
             continue
         slept += r1.ru_nvcsw != r0.ru_nvcsw
