@@ -211,6 +211,7 @@ def record(backend: Backend, out: str | os.PathLike[str], meta: schema.TraceMeta
                 line.update(time.monotonic() - t0, counts, sum(lost.values()))
                 if line.enabled:
                     lost = backend.lost_events()
+            backend.stop()
             take(backend.drain())
         except BaseException as e:  # noqa: BLE001 - recorded in the trace, then re-raised
             error = e
@@ -242,6 +243,9 @@ def record(backend: Backend, out: str | os.PathLike[str], meta: schema.TraceMeta
     meta.unmodeled_events = dict(backend.unmodeled)
     meta.unparsed_lines = dict(backend.unparsed)
     meta.notes.extend(backend.notes())
+    extra = backend.extra()
+    if extra:
+        meta.extra[backend.name] = extra
     if backend.clock in ("mono", "monotonic"):
         meta.window = {"start_ns": int(start_ns), "end_ns": int(end_ns)}
     elif ts_min is not None and ts_max is not None:

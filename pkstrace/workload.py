@@ -69,10 +69,12 @@ def cross_cpu_calls(calls: int, target_cpu: int = 1, source_cpu: int | None = No
 
 
 def summary(times: Sequence[int]) -> dict[str, float]:
+    """Round-trip statistics, and the pid that made the calls (what traces show)."""
     if not times:
-        return {"calls": 0}
+        return {"pid": os.getpid(), "calls": 0}
     s = sorted(times)
     return {
+        "pid": os.getpid(),
         "calls": len(s),
         "median_us": statistics.median(s) / 1e3,
         "p99_us": s[min(len(s) - 1, int(len(s) * 0.99))] / 1e3,

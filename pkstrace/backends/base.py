@@ -157,6 +157,9 @@ class Backend(ABC):
     def read(self, timeout: float = 0.2) -> pd.DataFrame:
         """The next batch of schema rows (possibly empty), waiting up to ``timeout`` s."""
 
+    def stop(self) -> None:  # noqa: B027 - optional hook, default: nothing to stop
+        """Stop producing events (probes off) but keep what is buffered for drain()."""
+
     def drain(self) -> pd.DataFrame:
         """Whatever is still buffered once recording stops."""
         return self.read(0)
@@ -179,6 +182,10 @@ class Backend(ABC):
 
     def notes(self) -> list[str]:
         return []
+
+    def extra(self) -> dict[str, Any]:
+        """Backend facts for TraceMeta.extra[<backend name>] (buffer sizes, misses)."""
+        return {}
 
     def _error(self, msg: str) -> KernelFeatureError:
         return KernelFeatureError(msg)

@@ -175,8 +175,8 @@ def check_bpf() -> Check:
     if err == 0:
         return Check("BPF", OK, "loaded a tracepoint BPF program")
     return Check("BPF", MISSING, f"bpf(BPF_PROG_LOAD) failed: {os.strerror(err)}",
-                 "boot a kernel with CONFIG_BPF_SYSCALL=y and "
-                 "sysctl kernel.unprivileged_bpf_disabled irrelevant: run as root")
+                 "boot a kernel with CONFIG_BPF_SYSCALL=y (and no lockdown=confidentiality); "
+                 "--backend perf or tracefs work without BPF")
 
 
 def check_btf() -> Check:

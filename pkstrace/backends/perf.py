@@ -35,7 +35,7 @@ from pkstrace.backends.symbols import kernel_symbols
 
 PERF_EVENT_IOC_SET_FILTER = 0x40082406  # _IOW('$', 6, char *)
 PERF_EVENT_IOC_DISABLE = 0x2401  # _IO('$', 1)
-RING_PAGES = 128  # per CPU per tracepoint: 512 KiB
+RING_PAGES = 512  # per CPU per tracepoint: 2 MiB
 # Kernel task state bits -> ftrace's letters (sched_switch prev_state).
 _STATE_LETTERS = ((0x1, "S"), (0x2, "D"), (0x4, "T"), (0x8, "t"), (0x10, "X"), (0x20, "Z"),
                   (0x40, "P"), (0x80, "I"))
@@ -116,6 +116,7 @@ class _Source:
         self.fds = [f.fileno() for f in evlist.get_pollfd()]
         self.rows: list[tuple[Any, ...]] = []
         self.format_parsed = False
+        self.received = np.zeros(max(cpus, default=0) + 1, dtype=np.int64)  # samples per CPU
         self.mappings: list[tuple[int, int]] = []
 
 
@@ -135,6 +136,7 @@ class PerfBackend(Backend):
         self._detached = False
         self._notes: list[str] = []
         self._graveyard: list[Any] = []
+        self._stopped = False
 
     @property
     def clock(self) -> str:
@@ -217,6 +219,15 @@ class PerfBackend(Backend):
                 pass
         return self._read_all()
 
+    def stop(self) -> None:
+        self._stopped = True
+        for src in self.sources:
+            for fd in src.fds:
+                try:
+                    fcntl.ioctl(fd, PERF_EVENT_IOC_DISABLE, 0)
+                except OSError:
+                    pass
+
     def drain(self) -> pd.DataFrame:
         return self._read_all()
 
@@ -281,6 +292,7 @@ class PerfBackend(Backend):
             "pid": np.asarray(cols[2], dtype=np.int32),
             "kind": np.full(n, src.kind, dtype=object),
         }
+        src.received += np.bincount(out["cpu"], minlength=len(src.received))[:len(src.received)]
         f = dict(zip(src.fields, cols[3:], strict=True))
         syms = self._syms
         assert syms is not None
@@ -356,7 +368,31 @@ class PerfBackend(Backend):
         return name
 
     def lost_events(self) -> dict[int, int]:
-        return dict(self.lost)
+        """Lost samples per CPU.
+
+        While recording: PERF_RECORD_LOST records. Once stopped and drained: each
+        event's count (read from its fd: every hit, kept or not) minus the
+        samples read. The kernel writes a LOST record only at the next sample
+        that fits, so drops in the last moments would otherwise go unseen.
+        """
+        lost = dict(self.lost)
+        if not self._stopped:
+            return lost
+        exact: dict[int, int] = {}
+        for src in self.sources:
+            for cpu, fd in zip(src.cpus, src.fds, strict=False):
+                try:
+                    hits = int.from_bytes(os.read(fd, 8)[:8], "little")
+                except OSError:
+                    return lost
+                got = int(src.received[cpu]) if cpu < len(src.received) else 0
+                exact[cpu] = exact.get(cpu, 0) + max(0, hits - got)
+        return {cpu: max(n, lost.get(cpu, 0)) for cpu, n in exact.items()}
+
+    def extra(self) -> dict[str, Any]:
+        return {"ring_pages_per_cpu_per_tracepoint": RING_PAGES,
+                "lost_from": "event counts minus samples read" if self._stopped
+                else "PERF_RECORD_LOST"}
 
     def symbols(self) -> dict[int, str]:
         return dict(self._symbols)

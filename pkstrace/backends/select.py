@@ -30,16 +30,31 @@ def choose(requested: str, mode: str) -> tuple[str, str]:
             raise KernelFeatureError(f"backend {requested} cannot run here: {problem}")
         return requested, f"{requested} (asked for)"
     candidates = ("bcc",) if mode == "counts" else BACKENDS
+    strengths = dict(STRENGTHS)
+    if mode == "events" and pks_functions_present():
+        # On a PKS kernel the preempt-count drift of a global update is the point,
+        # and only ftrace's flags column carries the preempt depth.
+        candidates = ("tracefs", "bcc", "perf")
+        strengths["tracefs"] = ("the kernel has write_pkrs / a global update: only tracefs "
+                                "records the preempt depth that drift findings need")
     skipped = []
     for name in candidates:
         problem = backend_problem(name)
         if not problem:
-            why = f"auto: {name} ({STRENGTHS[name]})"
+            why = f"auto: {name} ({strengths[name]})"
             if skipped:
                 why += "; not " + "; not ".join(skipped)
             return name, why
         skipped.append(f"{name}: {problem}")
     raise KernelFeatureError("no backend can record here: " + "; ".join(skipped))
+
+
+def pks_functions_present() -> bool:
+    from pkstrace import schema
+    from pkstrace.backends.symbols import function_names
+
+    names = function_names() or set()
+    return any(f in names for f in (*schema.WRITE_PKRS_FUNCS, *schema.GLOBAL_UPDATE_FUNCS))
 
 
 def create(name: str, specs: Sequence[ProbeSpec], opts: RecordOptions) -> Backend:
@@ -54,5 +69,5 @@ def create(name: str, specs: Sequence[ProbeSpec], opts: RecordOptions) -> Backen
     if name == "bcc":
         from pkstrace.backends.bcc import BccBackend
 
-        return BccBackend(specs, cpus=opts.cpus, mode=opts.mode)
+        return BccBackend(specs, cpus=opts.cpus, mode=opts.mode, buffer_kb=opts.buffer_kb)
     raise InputError(f"unknown backend {name!r}")

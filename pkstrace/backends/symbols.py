@@ -1,8 +1,11 @@
-"""Kernel symbols from /proc/kallsyms: vectorised address -> "symbol+0xoff/0xsize".
+"""Kernel symbols from /proc/kallsyms: vectorised address -> "symbol+0xoff".
 
 The perf and bcc backends see raw pointers (callsite, func, callback); tracefs
-prints them with ``%pS`` ("sym+0x20/0x60") or ``%ps`` ("sym"). :class:`KernelSymbols`
-gives the same spellings, so that traces from every backend compare equal.
+prints them with ``%pS`` ("sym+0x20/0x60") or ``%ps`` ("sym"), and the importers
+store callsites as "sym+0x20" (size dropped) and functions as "sym".
+:class:`KernelSymbols` gives the same spellings, so that traces from every
+backend compare equal. Symbol sizes are kept (``sizes``) to tell an address
+inside a function from one past its end.
 Lookups are one ``numpy.searchsorted`` over a column, not a loop per event.
 """
 
@@ -91,7 +94,7 @@ class KernelSymbols:
         return out
 
     def symbolize(self, addresses: np.ndarray, with_offset: bool = True) -> pd.Categorical:
-        """Addresses -> categorical of 'sym+0xoff/0xsize' (%pS) or 'sym' (%ps).
+        """Addresses -> categorical of 'sym+0xoff' (callsites) or 'sym' (functions).
 
         Works on the distinct addresses only, then expands: events repeat few
         callsites, so this is cheap whatever the batch size.
@@ -112,14 +115,13 @@ class KernelSymbols:
             elif k < 0:
                 out.append(f"{addr:#x}")
             elif with_offset:
-                off, size = addr - int(self.addrs[k]), int(self.sizes[k])
-                out.append(f"{self.names[k]}+{off:#x}/{size:#x}")
+                out.append(f"{self.names[k]}+{addr - int(self.addrs[k]):#x}")
             else:
                 out.append(str(self.names[k]))
         return out
 
     def table(self, addresses: np.ndarray) -> dict[int, str]:
-        """{address: 'sym+0xoff/0xsize'} for TraceMeta.symbols."""
+        """{address: 'sym+0xoff'} for TraceMeta.symbols."""
         uniq = np.unique(np.asarray(addresses, dtype=np.uint64))
         uniq = uniq[uniq != 0]
         return dict(zip((int(x) for x in uniq), self.labels(uniq, True), strict=True))

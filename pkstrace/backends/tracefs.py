@@ -341,13 +341,17 @@ class TracefsSession:
             total += len(b)
         return b"".join(parts)
 
-    def drain(self) -> str:
-        """Everything still buffered (call after tracing is stopped)."""
+    def stop(self) -> None:
+        """Tracing off; what is buffered stays readable."""
         if self.instance and not self._detached:
             try:
                 _write(f"{self.instance}/tracing_on", "0")
             except OSError:
                 pass
+
+    def drain(self) -> str:
+        """Everything still buffered (stops tracing first)."""
+        self.stop()
         out = []
         while True:
             t = self.read_chunk(0)
@@ -541,6 +545,9 @@ class TracefsBackend(Backend):
     def read(self, timeout: float = 0.2) -> Any:
         return self._parse(self.session.read_chunk(timeout))
 
+    def stop(self) -> None:
+        self.session.stop()
+
     def drain(self) -> Any:
         return self._parse(self.session.drain())
 
@@ -568,6 +575,11 @@ class TracefsBackend(Backend):
 
     def lost_events(self) -> dict[int, int]:
         return self.session.lost_events()
+
+    def extra(self) -> dict[str, Any]:
+        s = self.session
+        return {"instance": os.path.basename(s.instance or ""), "kprobe_group": s.group or "",
+                "buffer_kb_per_cpu": s.buffer_kb, "clock": s.clock_used}
 
     def detach(self) -> list[str]:
         return self.session.detach()

@@ -61,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="more global-update functions to probe (comma-separated; "
                    "prefix write: for write_pkrs-like ones)")
     p.add_argument("--no-sched", action="store_true", help="do not record sched:sched_switch")
-    p.add_argument("--buffer-kb", type=int, default=8192, help="per-CPU buffer (tracefs)")
+    p.add_argument("--buffer-kb", type=int, default=8192, metavar="KB",
+                   help="per-CPU buffer: tracefs ring per CPU; bcc's ring is KB x CPUs")
     status = p.add_mutually_exclusive_group()
     status.add_argument("--status", dest="status", action="store_true", default=None,
                         help="live status line on stderr (default: when stderr is a tty)")
@@ -148,8 +149,6 @@ def run(args: argparse.Namespace) -> int:
     backend = select.create(name, specs, opts)
     target = " -- " + shlex.join(command) if command else ""
     print(f"pkstrace record: {why}", file=sys.stderr)
-    print(f"pkstrace record: recording to {out}{target}"
-          + ("" if command or args.duration else "; Ctrl-C to stop"), file=sys.stderr)
 
     def on_attached(results: list[Any]) -> None:
         by_reason: dict[str, list[str]] = {}
@@ -159,6 +158,10 @@ def run(args: argparse.Namespace) -> int:
         for reason, names in by_reason.items():
             print(f"pkstrace record: not attached ({reason}): {', '.join(names)}",
                   file=sys.stderr)
+        n = sum(r.attached for r in results)
+        print(f"pkstrace record: {n} probes attached; recording to {out}{target}"
+              + ("" if command or args.duration else "; Ctrl-C to stop"),
+              file=sys.stderr, flush=True)
 
     res = record(backend, out, meta, duration=args.duration, command=command,
                  force=args.force, status=args.status, on_attached=on_attached)
