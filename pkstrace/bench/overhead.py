@@ -2,9 +2,11 @@
 
 The workload is a tight loop of synchronous cross-CPU calls (16-byte ``pread`` of
 ``/dev/cpu/T/cpuid`` from CPU S): each call fires csd_queue_cpu, ipi_send_cpu,
-write_msr (x2APIC ICR), call_function_single entry/exit, csd_function entry/exit
-and often sched_switch / write_msr (TSC deadline) on the woken target, i.e. about
-ten events per call at tens of thousands of calls per second.
+write_msr (x2APIC ICR), call_function_single entry/exit and csd_function
+entry/exit on the way there, the same again for the wake-up IPI that brings the
+sleeping caller back (``sched_ttwu_pending``), and sched_switch on both CPUs:
+10-18 events per call (varies with idle states and load), i.e. a few hundred
+thousand events per second untraced.
 
 Every tracer wraps the same workload command, the way a user runs it
 (``bpftrace -c CMD``, ``perf record -a -- CMD``, ``pkstrace record -- CMD``), so
@@ -556,7 +558,8 @@ def run(tracers: list[Tracer] | None = None, runs: int = 5, bpf_runs: int = 3,
                     str(bpf_runs), "--calls", str(calls)],
         "workload": {
             "description": f"{calls} x 16-byte pread of /dev/cpu/{target_cpu}/cpuid "
-                           f"pinned to CPU {source_cpu} (smp_call_function_single, wait=1)",
+                           f"pinned to CPU {source_cpu} (cpuid_smp_cpuid on CPU {target_cpu}; "
+                           "the caller sleeps until the target wakes it)",
             "calls": calls, "source_cpu": source_cpu, "target_cpu": target_cpu,
             "untraced_ns_per_call_p50": base_ns_per_call,
             "events_per_call": events_per_call,

@@ -10,10 +10,11 @@ DESCRIPTION = """\
 Benchmarks on the live host (root).
 
   ipi       round trip of a synchronous cross-CPU call (16-byte pread of
-            /dev/cpu/N/cpuid runs smp_call_function_single) from each CPU to
-            each other CPU, target idle and busy, the local baseline, and a
-            serial walk over N CPUs against one membarrier broadcast. -o writes
-            the calibration file `pkstrace replay --calibration` reads.
+            /dev/cpu/N/cpuid runs cpuid_smp_cpuid on CPU N) from each CPU to
+            each other CPU, target idle and busy, the local baseline, the same
+            with a spinning caller (membarrier to one busy CPU), and a serial
+            walk over N CPUs against one membarrier broadcast. -o writes the
+            calibration file `pkstrace replay --calibration` reads.
   overhead  the tracer's cost per event for each pkstrace backend and mode,
             beside bpftrace count() and perf record on the same tracepoints:
             kernel BPF accounting (run_time_ns / run_cnt) and workload slowdown.
@@ -55,9 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.required = True
     ipi = sub.add_parser(
         "ipi", help="cost of a synchronous cross-CPU call; serial walk vs broadcast",
-        description="Round trip of smp_call_function_single between each pair of CPUs "
-        "(target idle / busy), the local baseline, and a global update done as a serial "
-        "walk vs one membarrier broadcast, for 1..ncpu-1 target CPUs.",
+        description="Round trip of a synchronous cross-CPU call (cpuid pread: the caller "
+        "sleeps until the target wakes it) between each pair of CPUs (target idle / busy), "
+        "the local baseline, the spinning-caller kind (membarrier to one busy CPU, as "
+        "wrmsrl_on_cpu waits), and a global update done as a serial walk vs one membarrier "
+        "broadcast, for 1..ncpu-1 target CPUs.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     ipi.add_argument("--cpus", type=_cpulist, default=None, metavar="LIST",
                      help="CPUs to measure, e.g. 0-3,6 (default: all this process may use)")
