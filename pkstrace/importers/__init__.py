@@ -35,12 +35,13 @@ __all__ = ["FORMATS", "ImportStats", "detect_format", "import_text", "open_trace
 
 # format name -> (parser of a line array, backend name written into the metadata)
 FORMATS: dict[str, Callable[..., tuple[pd.DataFrame, ImportStats]]] = {
-    "ftrace_text": ftrace_text.parse_array,
-    "perf_script": perf_script.parse_array,
+    "ftrace_text": ftrace_text.parse_bytes,
+    "perf_script": perf_script.parse_bytes,
 }
 # Chunks of about this many bytes are parsed at a time (bounded memory, and
 # the same code path the live tracefs backend uses for trace_pipe chunks).
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 8 << 20
+MAX_THREADS = 4
 _DETECT_BYTES = 4 << 20
 
 _MAGIC_HINTS = (
@@ -145,9 +146,19 @@ def import_text(data: bytes, fmt: str | None = None, name: str = "input",
     if fmt not in FORMATS:
         raise InputError(f"unknown input format {fmt!r} (known: {', '.join(FORMATS)})")
     parse = FORMATS[fmt]
+    chunks = _chunks(data, CHUNK_BYTES)
+    workers = min(len(chunks), max(1, min(MAX_THREADS, os.cpu_count() or 1)))
+    if workers > 1:
+        # numpy and pyarrow release the GIL in their kernels: chunks parse in parallel
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(lambda c: parse(c, ImportStats(format=fmt)), chunks))
+    else:
+        results = [parse(c, ImportStats(format=fmt)) for c in chunks]
     stats = ImportStats(format=fmt)
-    frames = [parse(split_text(chunk), stats)[0] for chunk in _chunks(data, CHUNK_BYTES)]
-    events = ftrace_text.concat_events(frames)
+    for _, st in results:
+        stats.merge(st)
+    events = ftrace_text.concat_events([df for df, _ in results])
     if stats.trace_lines == 0:
         raise InputError(f"{name}: not a trace (no event lines; {_summary(stats)})")
     return events, stats

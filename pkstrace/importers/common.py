@@ -14,6 +14,7 @@ line cannot reach the 1 M lines/s this importer is built for.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,44 +114,60 @@ NL = 10
 CR = 13
 
 
-def split_lines(data: bytes) -> pa.StringArray:
-    """Split text into a pyarrow array of lines, without copying per line.
+@dataclass
+class Lines:
+    """A chunk of text as one byte buffer plus line boundaries (no copy per line).
 
-    Line ends (``\\n``, and ``\\r`` anywhere, as serial consoles write ``\\r\\r\\n``)
-    are dropped. Invalid UTF-8 (a comm with odd bytes) is replaced, never fatal.
+    ``raw[starts[i]:ends[i]]`` is line i without its line end. ``\r`` bytes are
+    removed (serial consoles write ``\r\r\n``); invalid UTF-8 is replaced.
     """
-    if not data:
-        return pa.array([], pa.string())
-    buf = np.frombuffer(data, np.uint8)
+
+    raw: np.ndarray  # uint8
+    starts: np.ndarray  # int64
+    ends: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def take(self, rows: np.ndarray) -> pa.Array:
+        """The given lines as a pyarrow string array."""
+        from pkstrace.importers.landmarks import substrings
+        return substrings(pa.py_buffer(self.raw), self.starts[rows], self.ends[rows])
+
+
+def split_lines(data: bytes | str) -> Lines:
+    """Cut text into :class:`Lines` (vectorised: newline positions via numpy)."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", errors="replace")
+    raw = np.frombuffer(data, np.uint8)
     if data.find(b"\r") >= 0:
-        buf = buf[buf != CR]
-    is_nl = buf == NL
-    nl = np.flatnonzero(is_nl)
-    n_lines = len(nl) + (0 if len(buf) and buf[-1] == NL else 1)
-    body = buf[~is_nl]
-    # Line i starts at its byte position minus the i newlines before it.
-    starts = np.empty(n_lines + 1, np.int64)
-    starts[0] = 0
-    starts[1:len(nl) + 1] = nl + 1 - np.arange(1, len(nl) + 1)
-    starts[n_lines] = len(body)
-    offset_type = np.int32 if len(body) < 2**31 - 1 else np.int64
-    arr_type = pa.string() if offset_type is np.int32 else pa.large_string()
-    offsets = pa.py_buffer(starts.astype(offset_type))
-    values = pa.py_buffer(body.tobytes())
-    arr = pa.Array.from_buffers(arr_type, n_lines, [None, offsets, values])
+        raw = raw[raw != CR]
+    if len(raw) and not _valid_utf8(raw):
+        fixed = raw.tobytes().decode("utf-8", errors="replace").encode()
+        raw = np.frombuffer(fixed, np.uint8)
+    nl = np.flatnonzero(raw == NL)
+    starts = np.concatenate([[0], nl + 1]).astype(np.int64)
+    ends = np.concatenate([nl, [len(raw)]]).astype(np.int64)
+    if len(raw) == 0 or raw[-1] == NL:  # no line after the last newline
+        starts, ends = starts[:-1], ends[:-1]
+    return Lines(raw=raw, starts=starts, ends=ends)
+
+
+def _valid_utf8(raw: np.ndarray) -> bool:
+    typ = pa.large_string()
+    offs = pa.py_buffer(np.array([0, len(raw)], np.int64))
+    arr = pa.Array.from_buffers(typ, 1, [None, offs, pa.py_buffer(raw)])
     try:
         arr.validate(full=True)
     except pa.ArrowInvalid:
-        # Invalid UTF-8 (a comm with odd bytes, line noise): replace, never fail.
-        return split_lines(buf.tobytes().decode("utf-8", errors="replace").encode())
-    return arr
+        return False
+    return True
 
 
 def split_text(data: bytes | str) -> pa.Array:
-    """Lines of ``data`` as a pyarrow string array (see :func:`split_lines`)."""
-    if isinstance(data, str):
-        data = data.encode("utf-8", errors="replace")
-    return split_lines(data)
+    """Lines of ``data`` as a pyarrow string array."""
+    lines = split_lines(data)
+    return lines.take(np.arange(len(lines)))
 
 
 # ---------------------------------------------------------------------------
@@ -180,7 +197,7 @@ def _fixed_width_bytes(arr: pa.Array, width: int, pad: str) -> np.ndarray:
 def hex_to_u64(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Hex strings (optional ``0x``; ``(nil)`` and empty mean 0) -> (uint64 values, ok mask)."""
     s = pc.utf8_lower(arr)
-    s = pc.replace_substring_regex(s, r"^0x", "")
+    s = pc.if_else(pc.starts_with(s, "0x"), pc.utf8_slice_codeunits(s, 2), s)
     s = pc.if_else(pc.equal(s, "(nil)"), "0", s)
     lengths = np.asarray(pc.fill_null(pc.binary_length(s), 0))
     ok = (lengths > 0) & (lengths <= 16)
@@ -363,144 +380,324 @@ def _cpumask_from_array(arr: pa.Array) -> list[str]:
 
 @dataclass
 class HeaderFields:
-    """The common part of each trace line, as parsed by a format's header parser.
+    """The common part of each event line, as cut out by a format's header parser.
 
-    All arrays have one entry per event line; ``event`` is the event name without
-    its group (``csd:csd_queue_cpu`` -> ``csd_queue_cpu``).
+    One entry per event line, in input order; ``event`` is the name as printed
+    (a group prefix such as ``csd:`` is stripped here). Flags are decoded
+    (-1 where the source has no flags column).
     """
 
     comm: pa.Array
     pid: np.ndarray
     cpu: np.ndarray
     ts: np.ndarray
-    flags: pa.Array  # strings, empty/null when the source has no flags column
+    irqs_off: np.ndarray
+    irq_ctx: np.ndarray
+    preempt_depth: np.ndarray
     event: pa.Array
     args: pa.Array
+
+    def __len__(self) -> int:
+        return len(self.pid)
+
+    @staticmethod
+    def concat(parts: list[tuple[np.ndarray, HeaderFields]]) -> HeaderFields:
+        """Merge fields cut by different paths back into line order (by line number)."""
+        parts = [(r, h) for r, h in parts if len(r)]
+        if len(parts) == 1:
+            return parts[0][1]
+        if not parts:
+            e = pa.array([], pa.string())
+            z = np.zeros(0, np.int64)
+            return HeaderFields(e, z.astype(np.int32), z.astype(np.int32), z, *(
+                z.astype(np.int8),) * 3, e, e)
+        order = np.argsort(np.concatenate([r for r, _ in parts]), kind="stable")
+        idx = pa.array(order)
+
+        def cat_arrow(name: str) -> pa.Array:
+            arrs = [getattr(h, name) for _, h in parts]
+            arrs = [a.cast(pa.large_string()) for a in arrs]
+            return pa.concat_arrays(arrs).take(idx)
+
+        def cat_np(name: str) -> np.ndarray:
+            return np.concatenate([getattr(h, name) for _, h in parts])[order]
+
+        return HeaderFields(
+            comm=cat_arrow("comm"), pid=cat_np("pid"), cpu=cat_np("cpu"), ts=cat_np("ts"),
+            irqs_off=cat_np("irqs_off"), irq_ctx=cat_np("irq_ctx"),
+            preempt_depth=cat_np("preempt_depth"), event=cat_arrow("event"),
+            args=cat_arrow("args"))
+
+
+class _CodedStrings:
+    """A string column built piecewise as integer codes (no Python string per row)."""
+
+    def __init__(self, n: int) -> None:
+        self.codes = np.full(n, 0, np.int32)
+        self.categories: list[str] = [""]
+        self._index: dict[str, int] = {"": 0}
+
+    def assign(self, rows: np.ndarray, values: pa.Array | list[str]) -> None:
+        if isinstance(values, list):
+            values = pa.array(values, pa.string())
+        d = values if pa.types.is_dictionary(values.type) else pc.dictionary_encode(values)
+        if isinstance(d, pa.ChunkedArray):
+            d = d.combine_chunks()
+        mapping = np.array([self._code(v) for v in d.dictionary.to_pylist()] or [0], np.int32)
+        idx = np.asarray(d.indices.fill_null(-1))
+        self.codes[rows] = np.where(idx >= 0, mapping[np.maximum(idx, 0)], 0)
+
+    def _code(self, v: str | None) -> int:
+        v = v or ""
+        c = self._index.get(v)
+        if c is None:
+            c = self._index[v] = len(self.categories)
+            self.categories.append(v)
+        return c
+
+    def categorical(self, sel: np.ndarray) -> pd.Categorical:
+        return pd.Categorical.from_codes(self.codes[sel], categories=pd.Index(
+            self.categories, dtype=object))
+
+
+def _categorical(arr: pa.Array) -> pd.Categorical:
+    d = pc.dictionary_encode(arr)
+    if isinstance(d, pa.ChunkedArray):
+        d = d.combine_chunks()
+    cats = d.dictionary.to_pylist()
+    codes = np.asarray(d.indices.fill_null(-1)).astype(np.int32)
+    if len(set(cats)) != len(cats):  # cannot happen, but from_codes would mislabel
+        return pd.Categorical(np.asarray(cats, dtype=object)[codes])
+    return pd.Categorical.from_codes(codes, categories=pd.Index(cats, dtype=object))
 
 
 def events_from_fields(h: HeaderFields, stats: ImportStats) -> pd.DataFrame:
     """Turn parsed header fields into schema rows; count unmodeled events and bad args."""
-    n = len(h.event)
+    n = len(h)
     if n == 0:
         return schema.empty_events()
     ev = pc.dictionary_encode(h.event)
     if isinstance(ev, pa.ChunkedArray):
         ev = ev.combine_chunks()
     codes = np.asarray(ev.indices.fill_null(-1))
-    names = ev.dictionary.to_pylist()
+    # strip groups ("csd:csd_queue_cpu" -> "csd_queue_cpu") on the distinct names only
+    names = [nm.rsplit(":", 1)[-1] for nm in ev.dictionary.to_pylist()]
     counts = np.bincount(codes[codes >= 0], minlength=len(names))
     keep = np.zeros(n, bool)
     kind_codes = np.full(n, -1, np.int8)
-    cols: dict[str, np.ndarray | list] = {
+    cols: dict[str, np.ndarray] = {
         "msr": np.full(n, -1, np.int64), "value": np.zeros(n, np.uint64),
         "failed": np.full(n, -1, np.int8), "target_cpu": np.full(n, -1, np.int32),
         "csd": np.zeros(n, np.uint64), "vector": np.full(n, -1, np.int32),
         "pkey": np.full(n, -1, np.int16), "prot": np.full(n, -1, np.int64),
         "next_pid": np.full(n, -1, np.int32),
     }
-    str_cols: dict[str, np.ndarray] = {c: np.full(n, None, object)
-                                       for c in ("callsite", "func", "cpumask", "next_comm",
-                                                 "prev_state")}
+    str_cols = {c: _CodedStrings(n)
+                for c in ("callsite", "func", "cpumask", "next_comm", "prev_state")}
+    by_name: dict[str, list[int]] = {}
     for code, name in enumerate(names):
-        if counts[code] == 0:
-            continue
+        if counts[code]:
+            by_name.setdefault(name, []).append(code)
+    for name, name_codes in by_name.items():
         kind, canon = kind_of_event(name)
-        rows = np.flatnonzero(codes == code)
+        rows = np.flatnonzero(np.isin(codes, name_codes)) if len(name_codes) > 1 \
+            else np.flatnonzero(codes == name_codes[0])
         if kind is None:
             stats.count_unmodeled(name, len(rows))
             continue
         args = h.args.take(pa.array(rows))
-        ok = np.zeros(len(rows), bool)
         if kind in _KPROBE_PATTERNS:
-            ret = np.asarray(pc.fill_null(pc.match_substring(args, " <- "), False))
-            if ret.any():  # a return probe on the function: not a call event
-                stats.count_unmodeled(f"{name} (return probe)", int(ret.sum()))
-            ok = ~ret
-            for col, pat in _KPROBE_PATTERNS[kind].items():
-                m = pc.extract_regex(args, pat)
-                found = np.asarray(m.is_valid())
-                if not found.any():
-                    continue
-                vals, vok = int_to_u64(m.field("x"))
-                sel = found & vok
-                if col == "value":
-                    cols["value"][rows[sel]] = vals[sel]
-                elif col == "pkey":
-                    cols["pkey"][rows[sel]] = vals[sel].astype(np.int64).astype(np.int16)
-                else:
-                    cols["prot"][rows[sel]] = vals[sel].astype(np.int64)
+            ok = _kprobe_args(kind, name, args, rows, cols, stats)
         else:
-            remaining = np.ones(len(rows), bool)
-            for pat in ARG_PATTERNS[canon]:
-                if not remaining.any():
-                    break
-                sub_idx = np.flatnonzero(remaining)
-                sub_args = args if len(sub_idx) == len(rows) else args.take(pa.array(sub_idx))
-                m = pc.extract_regex(sub_args, pat)
-                matched = np.asarray(m.is_valid())
-                if not matched.any():
-                    continue
-                mi = sub_idx[matched]
-                r = rows[mi]
-                m = m.filter(pa.array(matched))
-                fields = {m.type.field(i).name for i in range(m.type.num_fields)}
-                good = np.ones(len(mi), bool)
-                parsed: dict[str, Any] = {}
-                for col in fields:
-                    a = m.field(col)
-                    if col in _HEX_COLUMNS:
-                        parsed[col], vok = hex_to_u64(a)
-                        good &= vok
-                    elif col in _DEC_COLUMNS:
-                        parsed[col], vok = dec_to_i64(a)
-                        good &= vok
-                    elif col == "_gp":
-                        parsed["failed"] = np.asarray(
-                            pc.greater(pc.binary_length(pc.fill_null(a, "")), 0)).astype(np.int8)
-                    else:
-                        parsed[col] = a
-                if kind in (schema.Kind.MSR_WRITE, schema.Kind.MSR_READ) and "failed" not in parsed:
-                    parsed["failed"] = np.zeros(len(mi), np.int8)
-                gi = np.flatnonzero(good)
-                rg = r[gi]
-                for col, v in parsed.items():
-                    if col in ("_prev_comm", "_prev_pid"):
-                        continue  # the line's own comm/pid are the prev task's
-                    if col == "_cpumask_array":
-                        str_cols["cpumask"][rg] = _cpumask_from_array(v.filter(pa.array(good)))
-                        continue
-                    if col in str_cols:
-                        if col in ("callsite", "func"):
-                            v = _normalise_symbols(v, is_func=col == "func")
-                        str_cols[col][rg] = np.asarray(
-                            v.filter(pa.array(good)).to_pandas(), dtype=object)
-                    else:
-                        cols[col][rg] = v[gi] if isinstance(v, np.ndarray) else v
-                ok[mi[gi]] = True
-                remaining[mi] = False
-        bad = int((~ok).sum())
-        if kind in _KPROBE_PATTERNS:
-            bad = 0  # arguments are optional for probes; return probes counted above
-            ok_rows = rows[ok]
-        else:
-            ok_rows = rows[ok]
-        if bad:
-            stats.count_unparsed(f"bad arguments for {name}", bad)
+            ok = _tracepoint_args(canon, args, rows, cols, str_cols, kind)
+            bad = int((~ok).sum())
+            if bad:
+                stats.count_unparsed(f"bad arguments for {name}", bad)
+        ok_rows = rows[ok]
         keep[ok_rows] = True
         kind_codes[ok_rows] = schema.KINDS.index(kind.value)
     sel = np.flatnonzero(keep)
-    flags = decode_flags(h.flags.take(pa.array(sel)))
-    comm_col = h.comm.take(pa.array(sel)).dictionary_encode().to_pandas()
     data: dict[str, Any] = {
-        "ts": h.ts[sel], "cpu": h.cpu[sel].astype(np.int32), "pid": h.pid[sel], "comm": comm_col,
+        "ts": h.ts[sel], "cpu": h.cpu[sel].astype(np.int32), "pid": h.pid[sel],
+        "comm": _categorical(h.comm.take(pa.array(sel))),
         "kind": pd.Categorical.from_codes(kind_codes[sel], dtype=schema.KIND_DTYPE),
-        **flags,
+        "irqs_off": h.irqs_off[sel], "irq_ctx": h.irq_ctx[sel],
+        "preempt_depth": h.preempt_depth[sel],
     }
     for c, v in cols.items():
         data[c] = v[sel]
-    for c, v in str_cols.items():
-        vals = v[sel]
-        vals[pd.isna(vals)] = ""
-        data[c] = pd.Categorical(vals)
+    for c, sv in str_cols.items():
+        data[c] = sv.categorical(sel)
     stats.events += len(sel)
     return schema.normalize(data)
+
+
+def _kprobe_args(kind: schema.Kind, name: str, args: pa.Array, rows: np.ndarray,
+                 cols: dict[str, np.ndarray], stats: ImportStats) -> np.ndarray:
+    """write_pkrs / global update probes: named arguments, each optional."""
+    ret = np.asarray(pc.fill_null(pc.match_substring(args, " <- "), False))
+    if ret.any():  # a return probe on the function: not a call
+        stats.count_unmodeled(f"{name} (return probe)", int(ret.sum()))
+    for col, pat in _KPROBE_PATTERNS[kind].items():
+        m = pc.extract_regex(args, pat)
+        found = np.asarray(m.is_valid())
+        if not found.any():
+            continue
+        vals, vok = int_to_u64(pc.fill_null(m.field("x"), "0"))
+        sel = found & vok & ~ret
+        if col == "value":
+            cols["value"][rows[sel]] = vals[sel]
+        elif col == "pkey":
+            cols["pkey"][rows[sel]] = vals[sel].astype(np.int64).astype(np.int16)
+        else:
+            cols["prot"][rows[sel]] = vals[sel].astype(np.int64)
+    return ~ret
+
+
+# The usual spelling of each tracepoint's arguments, checked with a DFA match
+# (fast) and then cut with a plain split: (pattern, separator, columns, prefix
+# lengths). Lines that differ (a module suffix, " #GP", another kernel's format)
+# fall through to ARG_PATTERNS.
+_HEXW = r"[0-9a-fA-F]{1,16}"
+FAST_ARGS: dict[str, tuple[str, str | None, tuple[str, ...], tuple[int, ...]]] = {
+    "write_msr": (rf"^{_HEXW}, value {_HEXW}$", ", value ", ("msr", "value"), (0, 0)),
+    "read_msr": (rf"^{_HEXW}, value {_HEXW}$", ", value ", ("msr", "value"), (0, 0)),
+    "csd_queue_cpu": (r"^cpu=\d{1,6} callsite=\S+ func=\S+ csd=\S+$", " ",
+                      ("target_cpu", "callsite", "func", "csd"), (4, 9, 5, 4)),
+    "csd_function_entry": (r"^func=\S+, csd=\S+$", ", ", ("func", "csd"), (5, 4)),
+    "csd_function_exit": (r"^func=\S+, csd=\S+$", ", ", ("func", "csd"), (5, 4)),
+    "ipi_send_cpu": (r"^cpu=\d{1,6} callsite=\S+ callback=\S+$", " ",
+                     ("target_cpu", "callsite", "func"), (4, 9, 9)),
+    "ipi_send_cpumask": (r"^cpumask=[0-9,\-]* callsite=\S+ callback=\S+$", " ",
+                         ("cpumask", "callsite", "func"), (8, 9, 9)),
+    "call_function_entry": (r"^vector=\d{1,6}$", None, ("vector",), (7,)),
+    "call_function_exit": (r"^vector=\d{1,6}$", None, ("vector",), (7,)),
+    "call_function_single_entry": (r"^vector=\d{1,6}$", None, ("vector",), (7,)),
+    "call_function_single_exit": (r"^vector=\d{1,6}$", None, ("vector",), (7,)),
+}
+
+
+def _fast_args(canon: str, args: pa.Array) -> tuple[np.ndarray, dict[str, pa.Array]]:
+    """Rows in the usual spelling (mask) and their fields, cut without regex captures."""
+    spec = FAST_ARGS.get(canon)
+    if spec is None:
+        return np.zeros(len(args), bool), {}
+    pattern, sep, names, skips = spec
+    mask = np.asarray(pc.fill_null(pc.match_substring_regex(args, pattern), False))
+    if not mask.any():
+        return mask, {}
+    sub = args if mask.all() else args.filter(pa.array(mask))
+    k = len(names)
+    if sep is None:
+        pieces = [sub]
+    else:
+        flat = pc.split_pattern(sub, sep).flatten()
+        pieces = [flat.take(pa.array(np.arange(i, len(flat), k))) for i in range(k)]
+    return mask, {name: (pc.utf8_slice_codeunits(p, skip) if skip else p)
+                  for name, p, skip in zip(names, pieces, skips, strict=True)}
+
+
+def _store(fields: dict[str, pa.Array], rows: np.ndarray, kind: schema.Kind,
+           cols: dict[str, np.ndarray], str_cols: dict[str, _CodedStrings]) -> np.ndarray:
+    """Convert and store one batch of argument fields for ``rows``; returns the ok mask."""
+    good = np.ones(len(rows), bool)
+    parsed: dict[str, Any] = {}
+    for col, a in fields.items():
+        if col.startswith("_prev"):
+            continue  # sched_switch's prev comm/pid: the line's own comm/pid
+        if col in _HEX_COLUMNS:
+            parsed[col], vok = hex_to_u64(a)
+            good &= vok
+        elif col in _DEC_COLUMNS:
+            parsed[col], vok = dec_to_i64(a)
+            good &= vok
+        elif col == "_gp":
+            parsed["failed"] = np.asarray(
+                pc.greater(pc.binary_length(pc.fill_null(a, "")), 0)).astype(np.int8)
+        else:
+            parsed[col] = a
+    if kind in (schema.Kind.MSR_WRITE, schema.Kind.MSR_READ) and "failed" not in parsed:
+        parsed["failed"] = np.zeros(len(rows), np.int8)
+    gi = np.flatnonzero(good)
+    rg = rows[gi]
+    all_good = len(gi) == len(rows)
+    for col, v in parsed.items():
+        if isinstance(v, np.ndarray):
+            cols[col][rg] = v[gi]
+            continue
+        v = v if all_good else v.filter(pa.array(good))
+        if col == "_cpumask_array":
+            str_cols["cpumask"].assign(rg, _cpumask_from_array(v))
+        elif col in ("callsite", "func"):
+            str_cols[col].assign(rg, _normalise_symbols(v, is_func=col == "func"))
+        else:
+            str_cols[col].assign(rg, v)
+    return good
+
+
+def _tracepoint_args(canon: str, args: pa.Array, rows: np.ndarray,
+                     cols: dict[str, np.ndarray], str_cols: dict[str, _CodedStrings],
+                     kind: schema.Kind) -> np.ndarray:
+    """Parse one tracepoint's arguments: usual spelling first, then its patterns in order.
+
+    Returns the mask of rows whose arguments were understood.
+    """
+    ok = np.zeros(len(rows), bool)
+    fast_mask, fields = _fast_args(canon, args)
+    if fast_mask.any():
+        fi = np.flatnonzero(fast_mask)
+        good = _store(fields, rows[fi], kind, cols, str_cols)
+        ok[fi[good]] = True
+    remaining = ~fast_mask
+    for pat in ARG_PATTERNS[canon]:
+        if not remaining.any():
+            break
+        sub_idx = np.flatnonzero(remaining)
+        sub_args = args if len(sub_idx) == len(rows) else args.take(pa.array(sub_idx))
+        m = pc.extract_regex(sub_args, pat)
+        matched = np.asarray(m.is_valid())
+        if not matched.any():
+            continue
+        remaining[sub_idx[matched]] = False
+        if not matched.all():
+            m = m.filter(pa.array(matched))
+        mi = sub_idx[matched]
+        fields = {m.type.field(i).name: m.field(i) for i in range(m.type.num_fields)}
+        good = _store(fields, rows[mi], kind, cols, str_cols)
+        ok[mi[good]] = True
+    return ok
+
+
+def parse_chunk(data: bytes | str | Lines, style: str,
+                regex_fields: Callable[[pa.Array], tuple[np.ndarray, HeaderFields | None]],
+                classify: Callable[[list[str], ImportStats], None],
+                stats: ImportStats) -> pd.DataFrame:
+    """Parse a chunk of whole lines: fast path, then RE2 path, then classification.
+
+    ``style`` selects the fast path's layout (``"ftrace"`` / ``"perf"``);
+    ``regex_fields`` is the format's RE2 header parser for the lines the fast
+    path did not accept; ``classify`` accounts for the lines neither accepted.
+    """
+    from pkstrace.importers import landmarks
+
+    lines = data if isinstance(data, Lines) else split_lines(data)
+    stats.lines += len(lines)
+    if len(lines) == 0:
+        return schema.empty_events()
+    fast = landmarks.parse(lines.raw, lines.starts, lines.ends, style)
+    parts: list[tuple[np.ndarray, HeaderFields]] = [(fast.rows, HeaderFields(
+        comm=fast.comm, pid=fast.pid, cpu=fast.cpu, ts=fast.ts, irqs_off=fast.irqs_off,
+        irq_ctx=fast.irq_ctx, preempt_depth=fast.preempt_depth, event=fast.event,
+        args=fast.args))]
+    if len(fast.rows) < len(lines):
+        mask = np.ones(len(lines), bool)
+        mask[fast.rows] = False
+        rest = np.flatnonzero(mask)
+        rest_lines = lines.take(rest)
+        matched, rf = regex_fields(rest_lines)
+        if rf is not None:
+            parts.append((rest[matched], rf))
+        if not matched.all():
+            other = np.flatnonzero(~matched)
+            classify(rest_lines.take(pa.array(other)).to_pylist(), stats)
+    return events_from_fields(HeaderFields.concat(parts), stats)

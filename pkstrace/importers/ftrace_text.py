@@ -21,19 +21,20 @@ what that rejects is classified line by line (only those lines).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pkstrace import schema
 from pkstrace.importers.common import (
     FLAGS_RE,
     HeaderFields,
     ImportStats,
-    events_from_fields,
-    split_text,
+    decode_flags,
+    parse_chunk,
     timestamps_ns,
 )
 
@@ -118,22 +119,16 @@ def _header_facts(line: str, stats: ImportStats) -> None:
         h.setdefault("source", "trace-cmd report")
 
 
-def _strip_group(event: pa.Array) -> pa.Array:
-    # "csd:csd_queue_cpu" / "pks:write_pkrs" -> the name after the last ':'.
-    return pc.replace_substring_regex(event, r"^.*:", "")
-
-
 def _regex_fields(lines: pa.Array) -> tuple[np.ndarray, HeaderFields | None]:
-    """The RE2 path: match every line against LINE_RE. Returns (matched mask, fields)."""
+    """The RE2 path: match lines against LINE_RE. Returns (matched mask, fields)."""
     m = pc.extract_regex(lines, LINE_RE)
     matched = np.asarray(m.is_valid())
     if not matched.any():
         return matched, None
     m = m.filter(pa.array(matched))
-    f = {name: m.field(name) for name in (m.type.field(i).name for i in range(m.type.num_fields))}
-    lat = np.asarray(pc.greater(pc.binary_length(f["latcpu"]), 0))
-    cpu_s = pc.if_else(pa.array(lat), f["latcpu"], f["cpu"])
-    flags = pc.if_else(pa.array(lat), f["latflags"], f["flags"])
+    f = {m.type.field(i).name: m.field(i) for i in range(m.type.num_fields)}
+    lat = pa.array(np.asarray(pc.greater(pc.binary_length(f["latcpu"]), 0)))
+    cpu_s = pc.if_else(lat, f["latcpu"], f["cpu"])
     ts = timestamps_ns(f["sec"], f["frac"])
     is_us = np.asarray(pc.greater(pc.binary_length(f["us"]), 0))
     if is_us.any():  # latency format ("12345678us"): microseconds
@@ -143,57 +138,53 @@ def _regex_fields(lines: pa.Array) -> tuple[np.ndarray, HeaderFields | None]:
         pid=np.asarray(pc.cast(f["pid"], pa.int64())).astype(np.int32),
         cpu=np.asarray(pc.cast(cpu_s, pa.int64())).astype(np.int32),
         ts=ts,
-        flags=flags,
-        event=_strip_group(f["event"]),
+        **decode_flags(pc.if_else(lat, f["latflags"], f["flags"])),
+        event=f["event"],
         args=f["args"],
     )
 
 
-def parse_array(lines: pa.Array, stats: ImportStats | None = None) -> tuple[pd.DataFrame,
-                                                                            ImportStats]:
-    """Parse an array of lines (no line ends). See :func:`parse_text`."""
+def parse_bytes(data: bytes | str, stats: ImportStats | None = None,
+                ) -> tuple[pd.DataFrame, ImportStats]:
+    """Parse a chunk of whole lines; adds to ``stats`` if given (chunk after chunk)."""
     stats = stats if stats is not None else ImportStats(format=FORMAT)
     stats.format = stats.format or FORMAT
-    stats.lines += len(lines)
-    if len(lines) == 0:
-        from pkstrace import schema
-        return schema.empty_events(), stats
-    matched, fields = _regex_fields(lines)
-    rest = np.flatnonzero(~matched)
-    if len(rest):
-        classify_other_lines(lines.take(pa.array(rest)).to_pylist(), stats)
-    if fields is None:
-        from pkstrace import schema
-        return schema.empty_events(), stats
-    return events_from_fields(fields, stats), stats
+    return parse_chunk(data, "ftrace", _regex_fields, classify_other_lines, stats), stats
 
 
 def parse_text(text: str | bytes) -> tuple[pd.DataFrame, ImportStats]:
     """Parse ftrace text (any chunk of whole lines) into schema rows plus statistics.
 
     Rows keep the input's order. Header facts (``#P:N``, tracer, trace-cmd's
-    ``cpus=N``) and lost-event marks land in the statistics.
+    ``cpus=N``) and lost-event marks (``CPU:1 [LOST 12 EVENTS]``) land in the
+    statistics; so do lines not understood (by reason) and events the schema
+    does not model (by name).
     """
-    return parse_array(split_text(text))
+    return parse_bytes(text)
 
 
 def parse_lines(lines: Iterable[str], batch: int = 1 << 18) -> tuple[pd.DataFrame, ImportStats]:
     """:func:`parse_text` over an iterable of lines (with or without line ends)."""
-    stats = ImportStats(format=FORMAT)
+    return parse_lines_with(parse_bytes, FORMAT, lines, batch)
+
+
+def parse_lines_with(parse: Callable[..., tuple[pd.DataFrame, ImportStats]], fmt: str,
+                     lines: Iterable[str], batch: int) -> tuple[pd.DataFrame, ImportStats]:
+    stats = ImportStats(format=fmt)
     frames = []
     buf: list[str] = []
     for line in lines:
         buf.append(line.rstrip("\r\n"))
         if len(buf) >= batch:
-            frames.append(parse_array(pa.array(buf, pa.string()), stats)[0])
+            frames.append(parse("\n".join(buf), stats)[0])
             buf = []
     if buf or not frames:
-        frames.append(parse_array(pa.array(buf, pa.string()), stats)[0])
+        frames.append(parse("\n".join(buf), stats)[0])
     return concat_events(frames), stats
 
 
 def concat_events(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    from pkstrace import schema
+    """Concatenate schema frames (categories unified)."""
     frames = [f for f in frames if len(f)]
     if not frames:
         return schema.empty_events()

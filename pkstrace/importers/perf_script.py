@@ -19,15 +19,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pkstrace import schema
 from pkstrace.importers.common import (
     HeaderFields,
     ImportStats,
-    events_from_fields,
-    split_text,
+    parse_chunk,
     timestamps_ns,
 )
-from pkstrace.importers.ftrace_text import classify_other_lines, concat_events
+from pkstrace.importers.ftrace_text import classify_other_lines, parse_lines_with
 
 FORMAT = "perf_script"
 
@@ -39,6 +37,7 @@ LINE_RE = (
 
 
 def _regex_fields(lines: pa.Array) -> tuple[np.ndarray, HeaderFields | None]:
+    """The RE2 path: match lines against LINE_RE. Returns (matched mask, fields)."""
     m = pc.extract_regex(lines, LINE_RE)
     matched = np.asarray(m.is_valid())
     if not matched.any():
@@ -47,50 +46,31 @@ def _regex_fields(lines: pa.Array) -> tuple[np.ndarray, HeaderFields | None]:
     f = {m.type.field(i).name: m.field(i) for i in range(m.type.num_fields)}
     has_tid = pa.array(np.asarray(pc.greater(pc.binary_length(f["tid"]), 0)))
     pid = pc.if_else(has_tid, f["tid"], f["pid"])  # the kernel's pid is perf's tid
-    n = len(m)
+    no_flags = np.full(len(m), -1, np.int8)
     return matched, HeaderFields(
         comm=f["comm"],
         pid=np.asarray(pc.cast(pid, pa.int64())).astype(np.int32),
         cpu=np.asarray(pc.cast(f["cpu"], pa.int64())).astype(np.int32),
         ts=timestamps_ns(f["sec"], f["frac"]),
-        flags=pa.nulls(n, pa.string()),
-        event=pc.replace_substring_regex(f["event"], r"^.*:", ""),
+        irqs_off=no_flags, irq_ctx=no_flags.copy(), preempt_depth=no_flags.copy(),
+        event=f["event"],
         args=f["args"],
     )
 
 
-def parse_array(lines: pa.Array, stats: ImportStats | None = None) -> tuple[pd.DataFrame,
-                                                                            ImportStats]:
-    """Parse an array of lines (no line ends). See :func:`parse_text`."""
+def parse_bytes(data: bytes | str, stats: ImportStats | None = None,
+                ) -> tuple[pd.DataFrame, ImportStats]:
+    """Parse a chunk of whole lines; adds to ``stats`` if given (chunk after chunk)."""
     stats = stats if stats is not None else ImportStats(format=FORMAT)
     stats.format = stats.format or FORMAT
-    stats.lines += len(lines)
-    if len(lines) == 0:
-        return schema.empty_events(), stats
-    matched, fields = _regex_fields(lines)
-    rest = np.flatnonzero(~matched)
-    if len(rest):
-        classify_other_lines(lines.take(pa.array(rest)).to_pylist(), stats)
-    if fields is None:
-        return schema.empty_events(), stats
-    return events_from_fields(fields, stats), stats
+    return parse_chunk(data, "perf", _regex_fields, classify_other_lines, stats), stats
 
 
 def parse_text(text: str | bytes) -> tuple[pd.DataFrame, ImportStats]:
     """Parse ``perf script`` output (any chunk of whole lines): schema rows + statistics."""
-    return parse_array(split_text(text))
+    return parse_bytes(text)
 
 
 def parse_lines(lines: Iterable[str], batch: int = 1 << 18) -> tuple[pd.DataFrame, ImportStats]:
     """:func:`parse_text` over an iterable of lines (with or without line ends)."""
-    stats = ImportStats(format=FORMAT)
-    frames = []
-    buf: list[str] = []
-    for line in lines:
-        buf.append(line.rstrip("\r\n"))
-        if len(buf) >= batch:
-            frames.append(parse_array(pa.array(buf, pa.string()), stats)[0])
-            buf = []
-    if buf or not frames:
-        frames.append(parse_array(pa.array(buf, pa.string()), stats)[0])
-    return concat_events(frames), stats
+    return parse_lines_with(parse_bytes, FORMAT, lines, batch)

@@ -1,0 +1,284 @@
+"""The fast path: cut well-formed trace lines into fields with numpy, no regex.
+
+Every ftrace / perf script event line has fixed landmarks: the ``[cpu]`` field,
+the ``": "`` that ends the timestamp and the ``": "`` that ends the event name.
+Their byte positions are found for all lines at once (``np.searchsorted`` over
+the positions of each landmark in the whole chunk), numbers are read from
+fixed-width windows, and every row is checked against the layout it must have.
+A row that does not pass every check is *not* guessed at: it is handed to the
+RE2 path (and, failing that, classified as a non-event line). So this module
+only has to be fast and strict, never clever.
+
+The kernel's own widths help: ftrace prints ``%16s-%-7d [%03d] `` and perf
+``%16s %5d [%03d] ``, so windows of a few dozen bytes hold every field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pkstrace import schema
+
+SP, COLON, LBR, RBR, DASH, DOT, SLASH = (ord(c) for c in " :[]-./")
+LPAREN, RPAREN, GT = ord("("), ord(")"), ord(">")
+PAD = 64  # zero bytes after the chunk so windows never read past it
+
+
+@dataclass
+class FastFields:
+    """Fields of the rows the fast path accepted (``rows``: their line numbers)."""
+
+    rows: np.ndarray
+    comm: pa.Array
+    pid: np.ndarray
+    cpu: np.ndarray
+    ts: np.ndarray
+    irqs_off: np.ndarray
+    irq_ctx: np.ndarray
+    preempt_depth: np.ndarray
+    event: pa.Array
+    args: pa.Array
+
+
+def _lut(chars: bytes, values: list[int] | None = None, default: int = -1) -> np.ndarray:
+    t = np.full(256, default, np.int16)
+    for i, c in enumerate(chars):
+        t[c] = i if values is None else values[i]
+    return t
+
+
+_IS_DIGIT = np.zeros(256, bool)
+_IS_DIGIT[ord("0"):ord("9") + 1] = True
+# flags column, position by position (Documentation/trace/ftrace.rst)
+_F0 = _lut(b".dDX", [0, 1, 1, -1], default=-2)  # irqs off; -2 = not a flag char
+_F1 = _lut(b".NnpBb", [0] * 6, default=-2)  # need-resched (not kept)
+_F2 = _lut(b".shHzZ", [schema.IrqCtx.TASK, schema.IrqCtx.SOFTIRQ, schema.IrqCtx.HARDIRQ,
+                       schema.IrqCtx.HARDIRQ, schema.IrqCtx.NMI, schema.IrqCtx.NMI], default=-2)
+_F3 = _lut(b".0123456789abcdefABCDEF",
+           [0, *range(10), *range(10, 16), *range(10, 16)], default=-2)  # preempt depth
+_F4 = _lut(b".0123456789abcdefABCDEF", [0] * 23, default=-2)  # migrate-disable
+
+
+def _window(buf: np.ndarray, start: np.ndarray, width: int) -> np.ndarray:
+    """(n, width) bytes starting at each ``start`` (buf is zero-padded at both ends).
+
+    Indexing a sliding-window view copies one row per start (memcpy-like); building
+    an (n, width) index matrix instead would cost ten times as much.
+    """
+    view = np.lib.stride_tricks.sliding_window_view(buf, width)
+    return view[np.clip(start, 0, len(view) - 1)]
+
+
+_POW10 = 10 ** np.arange(19, dtype=np.int64)
+
+
+def _first_at_or_after(positions: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """For each ``at``: the first landmark position >= at (or a huge sentinel)."""
+    k = np.searchsorted(positions, at)
+    ext = np.append(positions, np.iinfo(np.int64).max // 2)
+    return ext[k]
+
+
+def _last_before(positions: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """For each ``at``: the last landmark position < at (or -1)."""
+    if not len(positions):
+        return np.full(len(at), -1, np.int64)
+    k = np.searchsorted(positions, at) - 1
+    return np.where(k >= 0, positions[np.maximum(k, 0)], -1)
+
+
+def _marks(buf: np.ndarray, char: int) -> np.ndarray:
+    """Positions of one byte value (only the padded middle of buf is searched)."""
+    return np.flatnonzero(buf[PAD:-PAD] == char) + PAD
+
+
+def _uint_from(buf: np.ndarray, start: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The run of digits starting at ``start`` (at most width-1 long): (value, length).
+
+    One window serves both the length and the value. length == 0: no digits;
+    length == width: too long (callers reject it).
+    """
+    win = _window(buf, start, width)
+    dig = _IS_DIGIT[win]
+    length = np.where(dig.all(axis=1), width, np.argmin(dig, axis=1))
+    exp = length[:, None] - 1 - np.arange(width)[None, :]
+    d = np.where(exp >= 0, win, 48).astype(np.int64) - 48
+    return (d * _POW10[np.clip(exp, 0, 18)]).sum(axis=1), length
+
+
+def _uint_ending_at(buf: np.ndarray, end: np.ndarray, width: int) -> tuple[np.ndarray,
+                                                                           np.ndarray]:
+    """The run of digits ending just before ``end``: (value, length), as _uint_from."""
+    win = _window(buf, end - width, width)
+    rev = _IS_DIGIT[win[:, ::-1]]
+    length = np.where(rev.all(axis=1), width, np.argmin(rev, axis=1))
+    inside = np.arange(width)[None, :] >= (width - length)[:, None]
+    d = np.where(inside, win, 48).astype(np.int64) - 48
+    return d @ _POW10[width - 1::-1], length
+
+
+def _skip_spaces(buf: np.ndarray, pos: np.ndarray, limit: int) -> np.ndarray:
+    """Number of spaces at pos (``limit`` means limit or more).
+
+    Only rows that start with a space get a window, and a short one first: most
+    runs of padding are short.
+    """
+    out = np.zeros(len(pos), np.int64)
+    need = np.flatnonzero(buf[pos] == SP)
+    for width, base in ((8, 0), (limit, 8)):
+        if not len(need) or width <= base:
+            break
+        win = _window(buf, pos[need] + base, width - base) != SP
+        found = win.any(axis=1)
+        out[need] = base + np.where(found, np.argmax(win, axis=1), width - base)
+        need = need[~found]
+    return out
+
+
+def substrings(data: pa.Buffer, starts: np.ndarray, ends: np.ndarray) -> pa.Array:
+    """String array of data[starts[i]:ends[i]] (ordered, non-overlapping pieces)."""
+    n = len(starts)
+    if n == 0:
+        return pa.array([], pa.string())
+    offs = np.empty(2 * n + 1, np.int64)
+    offs[0:2 * n:2] = starts
+    offs[1:2 * n:2] = ends
+    offs[2 * n] = ends[-1]
+    big = offs[-1] >= 2**31 - 1
+    typ = pa.large_string() if big else pa.string()
+    arr = pa.Array.from_buffers(typ, 2 * n, [None, pa.py_buffer(
+        offs.astype(np.int64 if big else np.int32)), data])
+    return arr.take(pa.array(np.arange(0, 2 * n, 2)))
+
+
+def parse(raw: np.ndarray, line_start: np.ndarray, line_end: np.ndarray,
+          style: str) -> FastFields:
+    """Fast-path fields for the lines [line_start, line_end) of ``raw`` (bytes, uint8).
+
+    ``style`` is ``"ftrace"`` (``comm-pid [(tgid)] [cpu] [flags] ts: event: args``)
+    or ``"perf"`` (``comm pid[/tid] [cpu] ts: group:event: args``).
+    """
+    n = len(line_start)
+    # zero padding on both sides: windows near the ends read zeros, not wrap around
+    buf = np.concatenate([np.zeros(PAD, np.uint8), raw, np.zeros(PAD, np.uint8)])
+    data = pa.py_buffer(buf)
+    ls = line_start.astype(np.int64) + PAD
+    le = line_end.astype(np.int64) + PAD
+
+    # --- [cpu]: the first " [<digit>" in the line, then digits and "] "
+    lbr = _marks(buf, LBR)
+    lbr = lbr[(buf[lbr - 1] == SP) & _IS_DIGIT[buf[lbr + 1]]]
+    lb = _first_at_or_after(lbr, ls)
+    ok = lb < le
+    lb = np.where(ok, lb, ls)
+    cpu, ndig = _uint_from(buf, lb + 1, 6)
+    ok &= (ndig >= 1) & (ndig < 6) & (buf[lb + 1 + ndig] == RBR) & (buf[lb + 2 + ndig] == SP)
+    after = lb + 3 + ndig  # first byte after "] "
+
+    # --- flags (ftrace only): 5 or 4 characters then a space
+    irqs_off = irq_ctx = depth = np.full(n, -1, np.int8)
+    flags_end = after
+    if style == "ftrace":
+        w = _window(buf, after, 6)
+        f0, f1, f2, f3, f4 = _F0[w[:, 0]], _F1[w[:, 1]], _F2[w[:, 2]], _F3[w[:, 3]], _F4[w[:, 4]]
+        four = (f0 > -2) & (f1 > -2) & (f2 > -2) & (f3 > -2)
+        has5 = four & (f4 > -2) & (w[:, 5] == SP)
+        has4 = four & ~has5 & (w[:, 4] == SP)
+        has = has5 | has4
+        # a field after "] " that starts like flags but is not: leave to RE2
+        ok &= has | (f0 == -2)
+        irqs_off = np.where(has, f0, -1).astype(np.int8)
+        irq_ctx = np.where(has, f2, -1).astype(np.int8)
+        depth = np.where(has, f3, -1).astype(np.int8)
+        flags_end = after + np.where(has5, 5, np.where(has4, 4, 0))
+
+    # --- timestamp: spaces, then "sec.frac: " (or "sec: " for counter clocks)
+    cs = _marks(buf, COLON)
+    cs = cs[buf[cs + 1] == SP]
+    ts_colon = _first_at_or_after(cs, flags_end)
+    ok &= ts_colon < le
+    ts_colon = np.where(ok, ts_colon, after + 1)
+    frac, frac_len = _uint_ending_at(buf, ts_colon, 10)
+    has_dot = (frac_len >= 1) & (buf[ts_colon - frac_len - 1] == DOT)
+    sec_end = np.where(has_dot, ts_colon - frac_len - 1, ts_colon)
+    sec, sec_len = _uint_ending_at(buf, sec_end, 13)
+    ok &= (sec_len >= 1) & (sec_len < 13) & (frac_len < 10)
+    ts_start = sec_end - sec_len
+    ok &= (ts_start > flags_end) & (flags_end + _skip_spaces(buf, flags_end, 24) == ts_start)
+    frac = np.where(has_dot, frac * _POW10[np.clip(9 - frac_len, 0, 9)], 0)
+    ts = sec * 1_000_000_000 + frac
+
+    # --- event name: from "ts: " to the next ": " (its padding is stripped per
+    # distinct name below, not per line)
+    ev_start = ts_colon + 2
+    ev_colon = _first_at_or_after(cs, ev_start)
+    line_ends_colon = buf[np.maximum(le - 1, 0)] == COLON  # "event:" with no arguments
+    ev_end = np.where(ev_colon < le, ev_colon, np.where(line_ends_colon, le - 1, -1))
+    ok &= ev_end > ev_start
+    args_start = np.where(ev_colon < le, np.minimum(ev_colon + 2, le), le)
+    # trace-cmd pads after the event's colon
+    args_start = np.minimum(args_start + _skip_spaces(buf, args_start, 40), le)
+
+    # --- comm and pid, before the "[cpu]"
+    if style == "ftrace":
+        dd = _marks(buf, DASH)
+        dd = dd[_IS_DIGIT[buf[dd + 1]]]
+        dash = _last_before(dd, lb)
+        ok &= dash >= ls
+        dash = np.where(ok, dash, lb)
+        pid, plen = _uint_from(buf, dash + 1, 10)
+        ok &= (plen >= 1) & (plen < 10)
+        pid_end = dash + 1 + plen
+        # "pid<spaces>[" or "pid<spaces>(<tgid>) ["
+        nxt = pid_end + _skip_spaces(buf, pid_end, 24)
+        plain = (nxt == lb) & (nxt > pid_end)
+        tgid = (nxt > pid_end) & (buf[nxt] == LPAREN) & (buf[lb - 2] == RPAREN) \
+            & (buf[lb - 1] == SP) & (lb - nxt <= 14)
+        ok &= plain | tgid
+        comm_end = dash
+    else:
+        # "comm<spaces>pid[/tid] [": a token of digits (and at most one '/')
+        ok &= buf[lb - 1] == SP
+        pid, r1 = _uint_ending_at(buf, lb - 1, 11)  # the kernel's pid is perf's tid
+        ok &= (r1 >= 1) & (r1 < 11)
+        tid_start = lb - 1 - r1
+        slash = buf[tid_start - 1] == SLASH
+        _, r2 = _uint_ending_at(buf, tid_start - 1, 11)
+        tok_start = np.where(slash, tid_start - 1 - r2, tid_start)
+        ok &= ~slash | ((r2 >= 1) & (r2 < 11))
+        ok &= (buf[tok_start - 1] == SP) & (tok_start - 1 > ls)
+        comm_end = tok_start  # trailing spaces: stripped per distinct comm below
+
+    rows = np.flatnonzero(ok)
+    comm = substrings(data, ls[rows], comm_end[rows])
+    event = substrings(data, ev_start[rows], ev_end[rows])
+    # Per distinct comm / event name (a few hundred at most, not per line):
+    # strip padding; reject names that are not identifiers and comms that carry
+    # junk in front (console timestamp, mail quote, trace-cmd instance) or ": ".
+    comm_d = pc.dictionary_encode(comm)
+    comm_vals = pc.utf8_trim_whitespace(comm_d.dictionary)
+    bad_comm = pc.or_(pc.or_(pc.starts_with(comm_vals, ">"), pc.starts_with(comm_vals, "[")),
+                      pc.match_substring(comm_vals, ": "))
+    bad_comm = pc.or_(bad_comm, pc.equal(pc.binary_length(comm_vals), 0))
+    ev_d = pc.dictionary_encode(event)
+    ev_vals = pc.utf8_trim_whitespace(ev_d.dictionary)
+    good_ev = pc.match_substring_regex(ev_vals, r"^[A-Za-z_][\w.]*(?::[\w.]+)*$")
+    comm_idx = np.asarray(comm_d.indices)
+    ev_idx = np.asarray(ev_d.indices)
+    good = ~np.asarray(bad_comm.fill_null(True))[comm_idx] \
+        & np.asarray(good_ev.fill_null(False))[ev_idx] if len(rows) else np.zeros(0, bool)
+    comm = pa.DictionaryArray.from_arrays(pa.array(comm_idx.astype(np.int32)), comm_vals)
+    event = pa.DictionaryArray.from_arrays(pa.array(ev_idx.astype(np.int32)), ev_vals)
+    if not good.all():
+        rows = rows[good]
+        keep = pa.array(good)
+        comm, event = comm.filter(keep), event.filter(keep)
+    args = substrings(data, args_start[rows], le[rows])
+    return FastFields(rows=rows, comm=comm, pid=pid[rows].astype(np.int32),
+                      cpu=cpu[rows].astype(np.int32), ts=ts[rows], irqs_off=irqs_off[rows],
+                      irq_ctx=irq_ctx[rows], preempt_depth=depth[rows], event=event,
+                      args=args)
