@@ -246,8 +246,8 @@ class Tracer:
             return workload
         if self.kind == "bpftrace":
             probes = ",".join(f"tracepoint:{tp}" for tp in tps)
-            return ["bpftrace", "-e", f"{probes} {{ @[probe, cpu] = count(); }}",
-                    "-c", " ".join(workload)]
+            action = "{ }" if self.mode == "empty" else "{ @[probe, cpu] = count(); }"
+            return ["bpftrace", "-e", f"{probes} {action}", "-c", " ".join(workload)]
         if self.kind == "perf":
             events = [a for tp in tps for a in ("-e", tp)]
             return ["perf", "record", "-q", "-a", *events, "-o", str(workdir / "perf.data"),
@@ -272,6 +272,9 @@ def default_tracers() -> list[Tracer]:
     return [
         Tracer("untraced", "untraced", "untraced"),
         Tracer("bpftrace", "bpftrace count()", "bpftrace", uses_bpf=True),
+        # The floor: an empty BPF program on the same tracepoints costs the
+        # tracepoint-to-BPF dispatch and the accounting itself, nothing else.
+        Tracer("bpf-floor", "bpftrace empty program", "bpftrace", uses_bpf=True, mode="empty"),
         Tracer("perf", "perf record", "perf"),
         Tracer("tracefs", "pkstrace tracefs events", "pkstrace", backend="tracefs",
                mode="events"),

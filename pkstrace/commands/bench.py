@@ -83,8 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(ns/event, ratio to untraced; medians), lost events, and the issue's targets.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     ov.add_argument("--tracers", default=None, metavar="LIST",
-                    help="comma-separated subset of: untraced, bpftrace, perf, tracefs, "
-                    "pkstrace-perf, bcc-events, bcc-counts (default: all)")
+                    help="comma-separated subset of: untraced, bpftrace, bpf-floor (an empty "
+                    "BPF program), perf, tracefs, pkstrace-perf, bcc-events, bcc-counts "
+                    "(default: all)")
     ov.add_argument("--runs", type=_positive_int, default=5, metavar="N",
                     help="slowdown runs per tracer (default 5)")
     ov.add_argument("--bpf-runs", type=int, default=3, metavar="N",
