@@ -68,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         help="live status line on stderr (default: when stderr is a tty)")
     status.add_argument("--no-status", dest="status", action="store_false")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary at the end")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+    p.add_argument("workload_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                    help="command to run while recording")
 
 
@@ -106,13 +106,20 @@ def run(args: argparse.Namespace) -> int:
     from pkstrace.errors import InputError, PrivilegeError
     from pkstrace.record import record
 
-    command = list(args.command or [])
+    command = list(args.workload_command or [])
     if command and command[0] == "--":
         command = command[1:]
     if args.duration < 0:
         raise InputError("--duration must be >= 0")
+    if os.geteuid() != 0:
+        c = checks.check_root()
+        raise PrivilegeError(f"{c.detail}; run: {c.fix}")
     out = Path(args.output)
-    if out.exists() and not args.force:
+    try:
+        exists = out.exists()
+    except OSError as e:
+        raise InputError(f"{out}: {e.strerror}") from None
+    if exists and not args.force:
         raise InputError(f"{out} exists (use --force to overwrite, or -o FILE)")
     cpus = _cpus(args.cpus, "--cpus") or None
     online = hostfacts.online_cpus()
@@ -123,9 +130,6 @@ def run(args: argparse.Namespace) -> int:
                          symbols=[s.strip() for s in args.symbols.split(",") if s.strip()],
                          sched_switch=not args.no_sched, mode=args.mode,
                          buffer_kb=args.buffer_kb)
-    if os.geteuid() != 0:
-        c = checks.check_root()
-        raise PrivilegeError(f"{c.detail}; run: {c.fix}")
     name, why = select.choose(args.backend, args.mode)
 
     host = hostfacts.collect()
