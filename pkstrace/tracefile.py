@@ -223,8 +223,14 @@ def _meta_of(pf: pq.ParquetFile, path: Path) -> schema.TraceMeta:
     return meta
 
 
-def read_trace(path: str | os.PathLike[str], columns: list[str] | None = None) -> schema.Trace:
-    """Read a trace. Raises TraceFileError with a one-line message on bad input."""
+def read_trace(path: str | os.PathLike[str], columns: list[str] | None = None,
+               low_memory: bool = False) -> schema.Trace:
+    """Read a trace. Raises TraceFileError with a one-line message on bad input.
+
+    ``low_memory``: free the Arrow buffers column by column while converting to
+    pandas (peak memory about one copy of the columns instead of two; used by
+    ``pkstrace replay`` on large traces).
+    """
     path = Path(path)
     pf = _open_parquet(path)
     meta = _meta_of(pf, path)
@@ -235,7 +241,11 @@ def read_trace(path: str | os.PathLike[str], columns: list[str] | None = None) -
     cols = list(columns) if columns is not None else list(schema.COLUMN_NAMES)
     try:
         table = pf.read(columns=cols)
-        df = table.to_pandas(ignore_metadata=True)
+        if low_memory:
+            df = table.to_pandas(ignore_metadata=True, self_destruct=True, split_blocks=True)
+        else:
+            df = table.to_pandas(ignore_metadata=True)
+        del table
     except Exception as e:
         raise TraceFileError(f"{path}: corrupt or truncated trace file ({_one_line(e)})") from None
     if columns is None:

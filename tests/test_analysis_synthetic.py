@@ -377,3 +377,22 @@ def test_empty_trace_analyses_to_empty_findings():
     f = analyse(schema.Trace(schema.empty_events(), schema.TraceMeta()))
     assert f.present() == {"redundant": 0, "isolation": 0, "drift": 0, "lost": 0}
     assert len(f.counts) == 0 and len(f.calls) == 0
+
+
+def test_hashed_grouping_is_exact():
+    """The 64-bit mix groups exactly like the factorised key, input order kept."""
+    from pkstrace.analysis.prep import dense_key, group_order, hashed_group_order
+
+    rng = np.random.default_rng(1)
+    cpu = rng.integers(0, 64, 50_000)
+    csd = rng.integers(0, 2**63, 50_000, dtype=np.uint64) % np.uint64(997)
+    func = rng.integers(0, 5, 50_000)
+    key = dense_key(cpu, csd, func)
+
+    def groups(order):
+        return {int(key[g[0]]): g.tolist()
+                for g in np.split(order, np.flatnonzero(np.diff(key[order])) + 1)}
+
+    ga = groups(hashed_group_order(cpu, csd, func))
+    assert ga == groups(group_order(key))
+    assert len(ga) == len(np.unique(key))

@@ -31,19 +31,24 @@ ACTIVITY_SERIES = ("msr_write", "write_pkrs", "csd_in", "ipi_in", "csd_out")
 def counts(p: Prepared) -> pd.DataFrame:
     if p.n == 0:
         return pd.DataFrame({c: pd.Series([], dtype=object) for c in COUNTS_COLUMNS})
-    cpu = p.col("cpu").astype(np.int64)
-    kind = p.kind.astype(np.int64)
+    cpu = p.col("cpu")
     is_msr = (p.kind == KIND_CODE["msr_write"]) | (p.kind == KIND_CODE["msr_read"])
     msr_rows = np.flatnonzero(is_msr)
-    msr_code = np.zeros(p.n, dtype=np.int64)
+    del is_msr
     msr_uniq = np.zeros(0, dtype=np.int64)
+    codes = np.zeros(0, dtype=np.int64)
     if len(msr_rows):
         codes, msr_uniq = pd.factorize(p.col("msr")[msr_rows], sort=True)
-        msr_code[msr_rows] = codes + 1  # 0 = not an MSR event
     cpu_lo = int(cpu.min())
     nk, nm = len(schema.KINDS) + 1, len(msr_uniq) + 1
-    key = ((cpu - cpu_lo) * nk + (kind + 1)) * nm + msr_code
-    uniq, cnt = np.unique(key, return_counts=True)
+    # one key per event; int32 when it fits (memory: this is a full-length array)
+    span = (int(cpu.max()) - cpu_lo + 1) * nk * nm
+    dt = np.int32 if span < 1 << 31 else np.int64
+    key = (cpu.astype(dt) - dt(cpu_lo)) * dt(nk)
+    key += p.kind.astype(dt) + dt(1)
+    key *= dt(nm)
+    key[msr_rows] += (codes + 1).astype(dt)  # 0 = not an MSR event
+    uniq, cnt = _count_keys(key)
     m = uniq % nm
     k = (uniq // nm) % nk - 1
     c = uniq // (nm * nk) + cpu_lo
@@ -56,6 +61,16 @@ def counts(p: Prepared) -> pd.DataFrame:
         "count": cnt.astype(np.int64),
     })
     return out[COUNTS_COLUMNS]
+
+
+def _count_keys(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct non-negative keys, their counts): bincount when the key range is
+    small (no sort), else np.unique."""
+    if len(key) and int(key.max()) < max(1 << 22, 4 * len(key)):
+        cnt = np.bincount(key)
+        uniq = np.flatnonzero(cnt)
+        return uniq, cnt[uniq]
+    return np.unique(key, return_counts=True)
 
 
 def bin_width(span_ns: int, max_bins: int = MAX_BINS) -> int:
@@ -96,7 +111,7 @@ def activity(p: Prepared) -> tuple[pd.DataFrame, int]:
             return
         b = (ts[rows] - t0) // width
         ncpu = int(cpus.max()) + 1
-        key, cnt = np.unique(b * ncpu + cpus, return_counts=True)
+        key, cnt = _count_keys(b * ncpu + cpus)
         parts.append(pd.DataFrame({
             "bin_start_ns": t0 + (key // ncpu) * width, "cpu": key % ncpu,
             "series": series, "count": cnt.astype(np.int64)}))

@@ -39,10 +39,10 @@ from pkstrace.analysis.prep import (
     KIND_CODE,
     Prepared,
     asof_prev,
-    dense_key,
+    hashed_group_order,
     latency_table,
+    neighbours,
     percentiles,
-    prev_next_in_group,
 )
 
 
@@ -67,21 +67,30 @@ def cross_cpu(p: Prepared) -> CrossCpu:
     sub = p.rows(schema.Kind.CSD_QUEUE, schema.Kind.CSD_ENTRY, schema.Kind.CSD_EXIT)
     k = p.kind[sub]
     rank = np.where(k == KIND_CODE["csd_queue"], 0,
-                    np.where(k == KIND_CODE["csd_entry"], 1, 2)).astype(np.int64)
+                    np.where(k == KIND_CODE["csd_entry"], 1, 2)).astype(np.int8)
+    del k
     ts_all = p.col("ts")
     ts = ts_all[sub]
     if len(sub) > 1:
         inverted = (np.diff(ts) == 0) & (np.diff(rank) < 0)
         if inverted.any():
             order = np.argsort((ts - ts[0]) * 4 + rank, kind="stable")
-            sub, k, rank, ts = sub[order], k[order], rank[order], ts[order]
+            sub, rank, ts = sub[order], rank[order], ts[order]
+        del inverted
     cpu_all = p.col("cpu")
     csd = p.col("csd")[sub]
     func_codes, _ = p.codes("func")
     is_q, is_e, is_x = rank == 0, rank == 1, rank == 2
-    run_cpu = np.where(is_q, p.col("target_cpu")[sub], cpu_all[sub]).astype(np.int64)
-    key = dense_key(run_cpu, csd, func_codes[sub].astype(np.int64))
-    prev, nxt = prev_next_in_group(key)
+    run_cpu = np.where(is_q, p.col("target_cpu")[sub], cpu_all[sub]).astype(np.int32)
+    fn = func_codes[sub].astype(np.int32)
+    order = hashed_group_order(run_cpu, csd, fn)
+    if len(order) > 1:
+        o1, o0 = order[1:], order[:-1]
+        same = (run_cpu[o1] == run_cpu[o0]) & (csd[o1] == csd[o0]) & (fn[o1] == fn[o0])
+    else:
+        same = np.zeros(0, dtype=bool)
+    prev, nxt = neighbours(order, same)
+    del order, same, run_cpu, fn, ts  # full-size temporaries: free before the next step
     has_nxt, has_prev = nxt >= 0, prev >= 0
     nxt_c, prev_c = np.where(has_nxt, nxt, 0), np.where(has_prev, prev, 0)
     q_matched = is_q & has_nxt & is_e[nxt_c]
@@ -104,12 +113,12 @@ def cross_cpu(p: Prepared) -> CrossCpu:
     exit_ns = np.where(x_rows >= 0, ts_all[np.maximum(x_rows, 0)], -1)
     latency = np.where(is_remote, (entry_ns - queue_ns).astype(np.float64), np.nan)
     handler = np.where(x_rows >= 0, (exit_ns - entry_ns).astype(np.float64), np.nan)
-    target_cpu = cpu_all[e_rows].astype(np.int64)
-    source_cpu = cpu_all[q_rows].astype(np.int64)
+    target_cpu = cpu_all[e_rows]
+    source_cpu = cpu_all[q_rows]
     pid_all = p.col("pid")
     # target idle at queue time
     ss = p.rows(schema.Kind.SCHED_SWITCH)
-    last_ss = asof_prev(target_cpu, q_rows, cpu_all[ss].astype(np.int64), ss, p.n)
+    last_ss = asof_prev(target_cpu, q_rows, cpu_all[ss], ss, p.n)
     idle_by_ss = p.col("next_pid")[ss[np.maximum(last_ss, 0)]] == 0 if len(ss) else \
         np.zeros(len(e_rows), dtype=bool)
     target_idle = np.where(last_ss >= 0, idle_by_ss, pid_all[e_rows] == 0) & is_remote
@@ -149,13 +158,13 @@ def cross_cpu(p: Prepared) -> CrossCpu:
     q_exit_ns = np.where(q_x >= 0, ts_all[np.maximum(q_x, 0)], -1)
     q_ts = ts_all[qr]
     queues = pd.DataFrame({
-        "row": qr, "ts": q_ts, "source_cpu": cpu_all[qr].astype(np.int64),
-        "target_cpu": p.col("target_cpu")[qr].astype(np.int64),
-        "pid": pid_all[qr].astype(np.int64),
-        "comm_code": p.codes("comm")[0][qr].astype(np.int64),
-        "callsite_code": p.codes("callsite")[0][qr].astype(np.int64),
-        "func_code": func_codes[qr].astype(np.int64),
-        "depth": p.col("preempt_depth")[qr].astype(np.int64),
+        "row": qr, "ts": q_ts, "source_cpu": cpu_all[qr].astype(np.int32),
+        "target_cpu": p.col("target_cpu")[qr].astype(np.int32),
+        "pid": pid_all[qr].astype(np.int32),
+        "comm_code": p.codes("comm")[0][qr].astype(np.int32),
+        "callsite_code": p.codes("callsite")[0][qr].astype(np.int32),
+        "func_code": func_codes[qr].astype(np.int32),
+        "depth": p.col("preempt_depth")[qr].astype(np.int32),
         "entry_row": q_e, "exit_row": q_x,
         "entry_ns": q_entry_ns, "exit_ns": q_exit_ns,
         "done_ns": np.where(q_x >= 0, q_exit_ns, np.where(q_e >= 0, q_entry_ns, q_ts)),
@@ -187,11 +196,13 @@ def cross_cpu(p: Prepared) -> CrossCpu:
     lost = {int(c): int(v) for c, v in p.meta.lost_events.items() if int(v) > 0}
     summary["cpus_with_lost_events"] = sorted(lost)
 
+    by_lat = np.argsort(lat, kind="stable")  # shared by the four tables
     tables = {
-        "per_target_cpu": latency_table(remote, ["target_cpu"], "latency_ns"),
-        "per_func": latency_table(remote, ["func"], "latency_ns"),
-        "per_callsite": latency_table(remote, ["callsite"], "latency_ns"),
-        "per_source_target": latency_table(remote, ["source_cpu", "target_cpu"], "latency_ns"),
+        "per_target_cpu": latency_table(remote, ["target_cpu"], "latency_ns", by_lat),
+        "per_func": latency_table(remote, ["func"], "latency_ns", by_lat),
+        "per_callsite": latency_table(remote, ["callsite"], "latency_ns", by_lat),
+        "per_source_target": latency_table(remote, ["source_cpu", "target_cpu"], "latency_ns",
+                                           by_lat),
     }
     return CrossCpu(calls=calls, queues=queues, orphan_entries=orphan_entries,
                     summary=summary, tables=tables)

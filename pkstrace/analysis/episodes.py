@@ -55,6 +55,18 @@ def episodes(p: Prepared, queues: pd.DataFrame,
         return _empty(), ep_of_queue
     order, run = runs(queues, ["source_cpu", "pid", "callsite_code", "func_code"], gap_ns,
                       split_on_target=True)
+    # distinct targets per run first: most runs (a task calling one CPU) are dropped
+    # here, before any per-run aggregation
+    tgt_o = queues["target_cpu"].to_numpy()[order]
+    width = int(tgt_o.max()) + 2
+    pairs = np.sort(run * width + tgt_o + 1)  # a plain sort: faster than np.unique here
+    pairs = pairs[np.r_[True, pairs[1:] != pairs[:-1]]]
+    pr_run, pr_tgt = pairs // width, pairs % width - 1
+    ntargets = np.bincount(pr_run, minlength=int(run[-1]) + 1)
+    keep_row = ntargets[run] >= MIN_TARGETS
+    if not keep_row.any():
+        return _empty(), ep_of_queue
+    order, run = order[keep_row], run[keep_row]
     q = queues.iloc[order].reset_index(drop=True)
     q["run"] = run
     ts, done = q["ts"].to_numpy(), q["done_ns"].to_numpy()
@@ -63,10 +75,6 @@ def episodes(p: Prepared, queues: pd.DataFrame,
     overlap[1:] = (run[1:] == run[:-1]) & (ts[1:] < done[:-1])
     q["overlap"] = overlap
     q["lat"] = np.where(q["entry_ns"].to_numpy() >= 0, q["entry_ns"].to_numpy() - ts, 0)
-    pairs = np.unique(run * (int(q["target_cpu"].max()) + 2) + q["target_cpu"].to_numpy() + 1)
-    width = int(q["target_cpu"].max()) + 2
-    pr_run, pr_tgt = pairs // width, pairs % width - 1
-    ntargets = np.bincount(pr_run, minlength=int(run[-1]) + 1)
     g = q.groupby("run", sort=True)
     agg = pd.DataFrame({
         "start_ns": g["ts"].min(), "end_ns": g["done_ns"].max(),
@@ -77,11 +85,9 @@ def episodes(p: Prepared, queues: pd.DataFrame,
         "func_code": g["func_code"].first(),
     })
     agg["targets"] = ntargets[agg.index.to_numpy()]
-    keep = agg[agg["targets"] >= MIN_TARGETS].sort_values("start_ns", kind="stable")
-    if len(keep) == 0:
-        return _empty(), ep_of_queue
+    keep = agg.sort_values("start_ns", kind="stable")
     kept_runs = keep.index.to_numpy()
-    ep_id_of_run = np.full(int(run[-1]) + 1, -1, dtype=np.int64)
+    ep_id_of_run = np.full(len(ntargets), -1, dtype=np.int64)
     ep_id_of_run[kept_runs] = np.arange(len(kept_runs))
     ep_of_queue[order] = ep_id_of_run[run]
     # target lists: one string per episode (a loop over episodes, not events)

@@ -72,7 +72,8 @@ def violations(p: Prepared, isolated: list[int], queues: pd.DataFrame,
         cpu, ts = p.col("cpu"), p.col("ts")
         qr = queues["row"].to_numpy()
         width = int(max(ipi_tgt.max(), queues["target_cpu"].max() if len(queues) else 0)) + 2
-        qkey = queues["source_cpu"].to_numpy() * width + queues["target_cpu"].to_numpy() + 1
+        qkey = (queues["source_cpu"].to_numpy().astype(np.int64) * width
+                + queues["target_cpu"].to_numpy() + 1)
         ikey = cpu[ipi_rows].astype(np.int64) * width + ipi_tgt + 1
         order = np.argsort(ipi_rows, kind="stable")
         ipi_rows, ipi_tgt, ikey = ipi_rows[order], ipi_tgt[order], ikey[order]

@@ -30,7 +30,7 @@ from pkstrace.analysis.prep import Prepared, asof_prev, enclosing_handler, prev_
 def lost_updates(p: Prepared, wp_rows: np.ndarray, wp_hit: np.ndarray,
                  calls: pd.DataFrame) -> pd.DataFrame:
     empty = pd.DataFrame({c: pd.Series([], dtype=object) for c in LOST_UPDATE_COLUMNS})
-    cpu = p.col("cpu").astype(np.int64)
+    cpu = p.col("cpu")
     ts, val = p.col("ts"), p.col("value")
     pk = p.rows(schema.Kind.MSR_WRITE, schema.Kind.MSR_READ)
     pk = pk[(p.col("msr")[pk] == schema.MSR_PKRS) & (p.col("failed")[pk] != 1)]

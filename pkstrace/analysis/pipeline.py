@@ -48,6 +48,18 @@ def trace_summary(trace: schema.Trace, n_events: int, t0: int | None,
     }
 
 
+def clock() -> tuple[float, float]:
+    """(wall, CPU) seconds. ``timings`` gets ``name`` (wall) and ``cpu:name`` (CPU time,
+    which a busy shared host distorts least)."""
+    return time.perf_counter(), time.process_time()
+
+
+def _lap(tm: dict[str, float], name: str, start: tuple[float, float]) -> None:
+    w, c = time.perf_counter(), time.process_time()
+    tm[name] = w - start[0]
+    tm["cpu:" + name] = c - start[1]
+
+
 def analyse(trace: schema.Trace, isolated: list[int] | None = None,
             calibration: dict[str, Any] | None = None,
             episode_gap_ns: int = DEFAULT_GAP_NS,
@@ -55,11 +67,10 @@ def analyse(trace: schema.Trace, isolated: list[int] | None = None,
     """Analyse one trace. ``isolated`` overrides the trace's isolated/nohz_full CPUs;
     ``calibration`` (projection.load_calibration) adds projection rows from it.
     ``timings``, if given, receives seconds spent per family (for benchmarks)."""
-    clock = time.perf_counter
     tm: dict[str, float] = timings if timings is not None else {}
     t = clock()
     p = prepare(trace)
-    tm["prepare"] = clock() - t
+    _lap(tm, "prepare", t)
     f = Findings()
     f.notes.extend(p.notes)
     ts = p.col("ts")
@@ -70,14 +81,14 @@ def analyse(trace: schema.Trace, isolated: list[int] | None = None,
     t = clock()
     f.counts = counts_mod.counts(p)
     f.activity, f.activity_bin_ns = counts_mod.activity(p)
-    tm["counts"] = clock() - t
+    _lap(tm, "counts", t)
 
     t = clock()
     red = redundant(p)
     f.redundant_total = red.total
     f.redundant_by_cpu_msr, f.redundant_by_task = red.by_cpu_msr, red.by_task
     f.write_pkrs = red.write_pkrs
-    tm["redundant"] = clock() - t
+    _lap(tm, "redundant", t)
 
     t = clock()
     cc = cross_cpu(p)
@@ -86,7 +97,7 @@ def analyse(trace: schema.Trace, isolated: list[int] | None = None,
     f.latency_per_func = cc.tables["per_func"]
     f.latency_per_callsite = cc.tables["per_callsite"]
     f.latency_per_source_target = cc.tables["per_source_target"]
-    tm["crosscpu"] = clock() - t
+    _lap(tm, "crosscpu", t)
 
     t = clock()
     eps, ep_of_queue = episodes(p, cc.queues, episode_gap_ns)
@@ -103,20 +114,20 @@ def analyse(trace: schema.Trace, isolated: list[int] | None = None,
     f.episodes = eps
     gaps = broadcast_send_gaps(cc.queues, ep_of_queue, eps)
     f.projection = projection(cc.calls, calibration, gaps, f.notes)
-    tm["episodes"] = clock() - t
+    _lap(tm, "episodes", t)
 
     t = clock()
     f.isolated_cpus = isolated_cpus(trace.meta, isolated)
     f.violations = violations(p, f.isolated_cpus, cc.queues, cc.orphan_entries)
-    tm["isolation"] = clock() - t
+    _lap(tm, "isolation", t)
 
     t = clock()
     f.drift = drift(p, cc.queues, episode_gap_ns)
-    tm["drift"] = clock() - t
+    _lap(tm, "drift", t)
 
     t = clock()
     f.lost_updates = lost_updates(p, red.wp_rows, red.wp_hit, cc.calls)
-    tm["lost"] = clock() - t
+    _lap(tm, "lost", t)
 
     f.calls = public_calls(cc.calls)
     if (p.col("preempt_depth") < 0).all() and len(cc.queues):

@@ -174,33 +174,115 @@ def prev_next_in_group(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dense_key(*parts: np.ndarray) -> np.ndarray:
-    """Combine integer columns into one exact int64 key (factorising each part)."""
+    """Combine integer columns into one exact int64 key.
+
+    A part with a small range (CPUs, codes) is used as its offset from its minimum;
+    only wide parts (csd tokens, pids) are factorised (a hash pass, slower than the
+    arithmetic).
+    """
     key = np.zeros(len(parts[0]), dtype=np.int64)
     for p in parts:
+        if len(p) and p.dtype.kind in "iu":
+            lo, hi = int(p.min()), int(p.max())
+            if hi - lo < 1 << 24 and hi < 1 << 62:
+                key = key * (hi - lo + 1) + (p.astype(np.int64) - lo)
+                continue
         codes, uniq = pd.factorize(p, sort=False)
         key = key * max(len(uniq), 1) + codes
     return key
 
 
-def latency_table(df: pd.DataFrame, keys: list[str], col: str) -> pd.DataFrame:
-    """Percentiles of ``col`` per group: keys + findings.LATENCY_TABLE_COLUMNS."""
+def hashed_group_order(*parts: np.ndarray) -> np.ndarray:
+    """Stable order grouping equal tuples of ``parts`` (input order kept inside a group).
+
+    Sorts one 64-bit mix of the parts instead of factorising each part; a collision
+    (two different tuples with one mix) is detected, since it leaves unequal tuples
+    next to each other, and then the exact :func:`dense_key` is used instead.
+    """
+    m = len(parts[0])
+    mix = np.zeros(m, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for i, p in enumerate(parts):
+            mul = np.uint64(0x9E3779B97F4A7C15 + 2 * i)
+            mix = (mix ^ p.astype(np.uint64)) * mul
+            mix ^= mix >> np.uint64(29)
+    order = np.argsort(mix, kind="stable")
+    if m > 1:
+        ms = mix[order]
+        same_mix = ms[1:] == ms[:-1]
+        same_tuple = np.ones(m - 1, dtype=bool)
+        for p in parts:
+            ps = p[order]
+            same_tuple &= ps[1:] == ps[:-1]
+        if (same_mix & ~same_tuple).any():
+            return group_order(dense_key(*parts))
+    return order
+
+
+def neighbours(order: np.ndarray, equal_next: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """prev / next position in the same group, from a grouping order and whether each
+    sorted element's successor is in the same group."""
+    m = len(order)
+    prev = np.full(m, -1, dtype=np.int64)
+    nxt = np.full(m, -1, dtype=np.int64)
+    prev[order[1:][equal_next]] = order[:-1][equal_next]
+    nxt[order[:-1][equal_next]] = order[1:][equal_next]
+    return prev, nxt
+
+
+def latency_table(df: pd.DataFrame, keys: list[str], col: str,
+                  value_order: np.ndarray | None = None) -> pd.DataFrame:
+    """Percentiles of ``col`` per group: keys + findings.LATENCY_TABLE_COLUMNS.
+
+    One sort by (group, value), then every group's percentiles by index arithmetic
+    (numpy's default linear interpolation), so many groups cost no Python loop.
+    ``value_order``: argsort of ``df[col]`` (stable), when several tables share it.
+    """
     from pkstrace.analysis.findings import LATENCY_TABLE_COLUMNS
 
-    d = df[[*keys, col]].dropna(subset=[col])
-    if len(d) == 0:
+    vals = df[col].to_numpy(dtype=np.float64)
+    ok = ~np.isnan(vals)
+    if not ok.any():
         return pd.DataFrame({c: pd.Series([], dtype=object)
                              for c in [*keys, *LATENCY_TABLE_COLUMNS]})
-    g = d.groupby(keys, observed=True, sort=True)[col]
-    out = g.quantile([0.5, 0.9, 0.99]).unstack()
-    out.columns = ["p50_ns", "p90_ns", "p99_ns"]
-    out["count"] = g.size()
-    out["max_ns"] = g.max()
-    out["mean_ns"] = g.mean()
-    out = out.reset_index()
-    for c in ("p50_ns", "p90_ns", "p99_ns", "max_ns", "mean_ns"):
-        out[c] = out[c].round().astype(np.int64)
-    out["count"] = out["count"].astype(np.int64)
-    out = out.sort_values("count", ascending=False, kind="stable").reset_index(drop=True)
+    if value_order is None:
+        value_order = np.argsort(vals, kind="stable")
+    # NaN sorts last: keep the valid values, renumbered to positions among them
+    value_order = value_order[: int(ok.sum())]
+    renumber = np.cumsum(ok) - 1
+    value_order = renumber[value_order]
+    d = df.loc[ok, keys]
+    vals = vals[ok]
+    parts = []
+    for k in keys:
+        s = d[k]
+        if isinstance(s.dtype, pd.CategoricalDtype):
+            parts.append(s.cat.codes.to_numpy().astype(np.int64))
+        else:
+            parts.append(s.to_numpy())
+    gkey = dense_key(*parts)
+    # sort by value once, then stably by group (a radix sort for small group keys)
+    order = value_order[group_order(gkey[value_order])]
+    g, v = gkey[order], vals[order]
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    counts = np.diff(np.r_[starts, len(g)])
+    first_rows = order[starts]
+    out = d.iloc[first_rows].reset_index(drop=True)
+    for name, q in (("p50_ns", 0.5), ("p90_ns", 0.9), ("p99_ns", 0.99)):
+        pos = q * (counts - 1)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, counts - 1)
+        frac = pos - lo
+        a, b = v[starts + lo], v[starts + hi]
+        out[name] = np.round(a + (b - a) * frac).astype(np.int64)
+    out["count"] = counts.astype(np.int64)
+    out["max_ns"] = v[starts + counts - 1].astype(np.int64)
+    out["mean_ns"] = np.round(np.add.reduceat(v, starts) / counts).astype(np.int64)
+    for k in keys:
+        if isinstance(out[k].dtype, pd.CategoricalDtype):
+            out[k] = out[k].astype(object)
+    out = out.sort_values(["count", *keys], ascending=[False, *[True] * len(keys)],
+                          kind="stable").reset_index(drop=True)
     return out[[*keys, *LATENCY_TABLE_COLUMNS]]
 
 
@@ -221,7 +303,7 @@ def enclosing_handler(p: Prepared, rows: np.ndarray) -> np.ndarray:
     hx = p.rows(_schema.Kind.CSD_ENTRY, _schema.Kind.CSD_EXIT)
     if len(hx) == 0:
         return np.full(len(rows), -1, dtype=np.int64)
-    cpu = p.col("cpu").astype(np.int64)
+    cpu = p.col("cpu")
     last = asof_prev(cpu[rows], rows, cpu[hx], hx, p.n)
     cand = hx[np.maximum(last, 0)]
     inside = (last >= 0) & (p.kind[cand] == KIND_CODE["csd_entry"])

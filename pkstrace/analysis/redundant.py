@@ -57,7 +57,7 @@ def _empty(cols: list[str]) -> pd.DataFrame:
 
 
 def redundant(p: Prepared) -> Redundant:
-    cpu = p.col("cpu").astype(np.int64)
+    cpu = p.col("cpu")
     rows = p.rows(schema.Kind.MSR_WRITE, schema.Kind.MSR_READ)
     rows = rows[p.col("failed")[rows] != 1]
     msr = p.col("msr")[rows]
@@ -68,7 +68,7 @@ def redundant(p: Prepared) -> Redundant:
     by_task = _empty(REDUNDANT_BY_TASK_COLUMNS)
     if len(rows):
         mcode, muniq = pd.factorize(msr, sort=True)
-        key = cpu[rows] * len(muniq) + mcode
+        key = cpu[rows].astype(np.int64) * len(muniq) + mcode
         prev, _ = prev_next_in_group(key)
         command = np.isin(muniq, schema.command_msrs())[mcode]
         red = is_w & (prev >= 0) & (val == val[np.maximum(prev, 0)]) & ~command

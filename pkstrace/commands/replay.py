@@ -91,7 +91,7 @@ def load_trace(path: str, isolated: list[int] | None = None, cpus: int | None = 
     except OSError as e:
         raise InputError(f"{path}: {e.strerror or e}") from None
     if head == b"PAR1":
-        trace = tracefile.read_trace(p, columns=list(ANALYSIS_COLUMNS))
+        trace = tracefile.read_trace(p, columns=list(ANALYSIS_COLUMNS), low_memory=True)
     else:
         try:
             from pkstrace.importers import open_trace

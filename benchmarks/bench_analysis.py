@@ -1,0 +1,250 @@
+"""Analysis throughput and memory: `pkstrace replay` on 1 M / 10 M / 50 M event traces.
+
+The traces are built from the REAL capture tests/fixtures/ftrace_cpuid_2cpu.txt
+(4114 events: cpuid cross-CPU calls, IPIs, ICR/TSC-deadline writes, sched_switch
+on a 2-CPU host) by block bootstrap, scaled to a 64-CPU host: each *round* lays
+32 copies of the capture over disjoint CPU pairs (0-1, 2-3, ..., 62-63), each copy
+shifted by a random offset within the capture's span, with fresh csd tokens per
+copy; rounds follow each other in time. So the inter-event gaps, the mix of kinds,
+the per-CPU pattern and the queue/entry/exit structure are the real ones, and
+the analysis does its full work (every call matched, percentiles, isolation with
+CPUs 62-63 isolated).
+
+Measured, per size:
+- end to end: wall time of ``pkstrace replay FILE --json --isolated 62-63`` in a
+  child process, and its peak RSS (``os.wait4`` rusage);
+- each family alone: seconds per analysis family (``analyse(timings=...)``) and
+  the trace-file read, in a separate child process.
+
+    .venv/bin/python benchmarks/bench_analysis.py            # 1 M, 10 M (3 runs), 50 M (1 run)
+    .venv/bin/python benchmarks/bench_analysis.py --smoke    # 200 k events, 1 run
+    .venv/bin/python benchmarks/bench_analysis.py --sizes 1e6 --runs 5
+
+Writes benchmarks/results/analysis.json (or $PKSTRACE_BENCH_RESULTS/analysis.json):
+machine facts, git revision, per-size medians and every run, and the targets
+(>= 10 M events/s end to end; 50 M events within 8 GB of RAM) with the margin by
+which each is met or missed. Trace files are kept in --workdir (default
+/var/tmp/pkstrace-bench-analysis) so reruns skip the build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pkstrace import schema, tracefile  # noqa: E402
+
+FIXTURE = ROOT / "tests/fixtures/ftrace_cpuid_2cpu.txt"
+HOST_CPUS = 64
+ISOLATED = "62-63"
+TARGET_EVENTS_PER_S = 10_000_000
+TARGET_RSS_BYTES = 8 << 30
+SEED = 20201217
+
+
+def _template() -> pd.DataFrame:
+    from pkstrace.importers import open_trace
+
+    ev = open_trace(FIXTURE).events
+    order = np.argsort(ev["ts"].to_numpy(), kind="stable")
+    return ev.take(order).reset_index(drop=True)
+
+
+def build_trace(path: Path, n_events: int) -> None:
+    """Write a trace of n_events built from the real capture (see module doc)."""
+    tpl = _template()
+    n_t = len(tpl)
+    copies = HOST_CPUS // 2
+    ts_t = tpl["ts"].to_numpy() - int(tpl["ts"].iloc[0])
+    span = int(ts_t[-1]) + 1
+    rng = np.random.default_rng(SEED)
+    # a few distinct round layouts (random offsets), each a sorted interleaving
+    layouts = []
+    for _ in range(4):
+        offs = rng.integers(0, span, size=copies)
+        ts_round = (ts_t[None, :] + offs[:, None]).ravel()
+        perm = np.argsort(ts_round, kind="stable")
+        layouts.append((perm, ts_round[perm]))
+    round_len = n_t * copies
+    round_span = 2 * span
+    cols = {c: tpl[c] for c in tpl.columns}
+    meta = schema.TraceMeta(
+        host={"online_cpus": list(range(HOST_CPUS)), "hostname": "bench-synthetic",
+              "note": f"block bootstrap of {FIXTURE.name} over {HOST_CPUS} CPUs"},
+        backend="bench:bootstrap", clock="local", source=str(FIXTURE.name))
+    with tracefile.TraceWriter(path, force=True) as w:
+        written, rnd = 0, 0
+        while written < n_events:
+            perm, ts_sorted = layouts[rnd % len(layouts)]
+            take = min(round_len, n_events - written)
+            perm, ts_sorted = perm[:take], ts_sorted[:take]
+            row, copy = perm % n_t, perm // n_t
+            out: dict[str, Any] = {}
+            for c in schema.COLUMN_NAMES:
+                src = cols[c]
+                if isinstance(src.dtype, pd.CategoricalDtype):
+                    out[c] = pd.Categorical.from_codes(src.cat.codes.to_numpy()[row],
+                                                       dtype=src.dtype)
+                else:
+                    out[c] = src.to_numpy()[row]
+            out["ts"] = ts_sorted + rnd * round_span + 1_000_000_000
+            shift = (2 * copy).astype(np.int32)
+            out["cpu"] = out["cpu"] + shift
+            tgt = out["target_cpu"]
+            out["target_cpu"] = np.where(tgt >= 0, tgt + shift, tgt).astype(np.int32)
+            csd = out["csd"]
+            salt = (np.uint64(rnd) << np.uint64(40)) | (copy.astype(np.uint64) << np.uint64(32))
+            out["csd"] = np.where(csd != 0, csd ^ salt, csd).astype(np.uint64)
+            w.write(pd.DataFrame(out))
+            written += take
+            rnd += 1
+        w.close(meta)
+
+
+def _replay_once(path: Path) -> dict[str, Any]:
+    exe = ROOT / ".venv/bin/pkstrace"
+    cmd = [str(exe), "replay", str(path), "--json", "--isolated", ISOLATED]
+    t0 = time.perf_counter()
+    with open(os.devnull, "wb") as devnull:
+        proc = subprocess.Popen(cmd, stdout=devnull, stderr=subprocess.PIPE)
+        _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_analysis: replay failed ({proc.returncode}): {err.strip()}")
+    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime,
+            "peak_rss_bytes": ru.ru_maxrss * 1024}
+
+
+def _families_once(path: Path) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--_families", str(path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def _families_child(path: str) -> None:
+    from pkstrace.analysis import analyse
+    from pkstrace.analysis.prep import ANALYSIS_COLUMNS
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    trace = tracefile.read_trace(path, columns=list(ANALYSIS_COLUMNS), low_memory=True)
+    tm: dict[str, float] = {"read": time.perf_counter() - t0,
+                            "cpu:read": time.process_time() - c0}
+    analyse(trace, isolated=schema.parse_cpulist(ISOLATED), timings=tm)
+    print(json.dumps(tm))
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="one small run (200 k events)")
+    ap.add_argument("--sizes", help="comma-separated event counts (default 1e6,1e7,5e7)")
+    ap.add_argument("--runs", type=int, default=3, help="runs per size below 50 M (default 3)")
+    ap.add_argument("--workdir", default="/var/tmp/pkstrace-bench-analysis")
+    ap.add_argument("--_families", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._families:
+        _families_child(args._families)
+        return 0
+    from pkstrace.bench.common import git_revision, host_facts, write_json_atomic
+
+    if args.smoke:
+        sizes, runs = [200_000], 1
+    elif args.sizes:
+        sizes, runs = [int(float(s)) for s in args.sizes.split(",")], args.runs
+    else:
+        sizes, runs = [1_000_000, 10_000_000, 50_000_000], args.runs
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for n in sizes:
+        path = work / f"bootstrap-{n}.pkstrace"
+        built = None
+        if not path.exists() or tracefile.read_meta(path).backend != "bench:bootstrap" or \
+                len(tracefile.read_trace(path, columns=["cpu"]).events) != n:
+            t0 = time.perf_counter()
+            build_trace(path, n)
+            built = time.perf_counter() - t0
+        k = 1 if n >= 50_000_000 else runs
+        e2e = [_replay_once(path) for _ in range(k)]
+        fam = [_families_once(path) for _ in range(k)]
+        wall = _median([r["wall_s"] for r in e2e])
+        cpu = _median([r["cpu_s"] for r in e2e])
+        rss = max(r["peak_rss_bytes"] for r in e2e)
+        fam_med = {key: round(_median([f[key] for f in fam]), 4) for key in fam[0]}
+        res = {
+            "events": n, "file_bytes": path.stat().st_size, "runs": k,
+            "build_s": round(built, 2) if built is not None else None,
+            "replay_wall_s_median": round(wall, 3),
+            "events_per_s": round(n / wall),
+            "replay_cpu_s_median": round(cpu, 3),
+            "events_per_cpu_s": round(n / cpu),
+            "peak_rss_bytes": rss, "peak_rss_gib": round(rss / (1 << 30), 3),
+            "families_s_median": fam_med,
+            "replay_runs": e2e, "families_runs": fam,
+        }
+        results.append(res)
+        print(f"bench_analysis: {n:>11,} events: replay {wall:.2f}s "
+              f"({n / wall / 1e6:.2f} M events/s; CPU {cpu:.2f}s), "
+              f"peak RSS {rss / (1 << 30):.2f} GiB; "
+              f"families {fam_med}", file=sys.stderr, flush=True)
+    largest = max(results, key=lambda r: r["events"])
+    eps = largest["events_per_s"]
+    targets = [
+        {"target": f">= {TARGET_EVENTS_PER_S / 1e6:.0f} M events/s end to end "
+                   f"({largest['events']:,} events)",
+         "value": eps, "limit": TARGET_EVENTS_PER_S, "better": "higher",
+         "met": eps >= TARGET_EVENTS_PER_S,
+         "margin": f"{eps / TARGET_EVENTS_PER_S:.2f}x the target (per CPU second: "
+                   f"{largest['events_per_cpu_s'] / TARGET_EVENTS_PER_S:.2f}x)"},
+    ]
+    big = [r for r in results if r["events"] >= 50_000_000]
+    if big:
+        rss = big[0]["peak_rss_bytes"]
+        targets.append({"target": "50 M events within 8 GiB peak RSS", "value": rss,
+                        "limit": TARGET_RSS_BYTES, "better": "lower",
+                        "met": rss <= TARGET_RSS_BYTES,
+                        "margin": f"{rss / TARGET_RSS_BYTES:.2f}x the limit"})
+    else:
+        targets.append({"target": "50 M events within 8 GiB peak RSS", "met": None,
+                        "margin": "not run (smoke or --sizes without 50 M)"})
+    doc = {
+        "benchmark": "analysis",
+        "command": [sys.executable, *sys.argv],
+        "git_revision": git_revision(),
+        "host": host_facts(),
+        "nproc": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "numpy": np.__version__, "pandas": pd.__version__,
+        "trace": f"block bootstrap of {FIXTURE.relative_to(ROOT)} over {HOST_CPUS} CPUs, "
+                 f"isolated {ISOLATED}",
+        "smoke": bool(args.smoke),
+        "results": results,
+        "targets": targets,
+        "note": "timings are wall clock on a shared 2-core machine: medians of the runs",
+    }
+    out_dir = Path(os.environ.get("PKSTRACE_BENCH_RESULTS", ROOT / "benchmarks/results"))
+    write_json_atomic(out_dir / "analysis.json", doc)
+    print(f"bench_analysis: wrote {out_dir / 'analysis.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
