@@ -117,7 +117,21 @@ def run(args: argparse.Namespace) -> int:
     for line in outcome_lines(res):
         _log(line)
     if not args.quiet:
-        from pkstrace.commands.record import print_summary
-
         print_summary(res.output)
     return 0 if res.as_expected else 1
+
+
+def print_summary(path: Path) -> None:
+    """The replay summary, then the module's counters beside the analysis's figures."""
+    from pkstrace import tracefile
+    from pkstrace.analysis import analyse
+    from pkstrace.emulate import truth
+    from pkstrace.reports.terminal import render
+
+    trace = tracefile.read_trace(path)
+    findings = analyse(trace)
+    text = render(findings)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.write("\nground truth: the PKS module's counters vs the analysis\n")
+    sys.stdout.write(truth.table(truth.compare(findings, trace.meta.ground_truth)))
+    sys.stdout.flush()

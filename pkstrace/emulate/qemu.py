@@ -34,7 +34,9 @@ WARN_RE = re.compile(r"(WARNING: CPU: \d+ PID: \d+ at [^\n]*|BUG: [^\n]*|"
 
 @dataclass
 class BootResult:
-    status: str  # "ok", "panic", "timeout", "error"
+    # "ok"; "bug": it finished but the console shows BUG:/WARNING:/Oops/stall lines;
+    # "panic"; "timeout": stopped after timeout_s; "error": QEMU failed
+    status: str
     wall_s: float
     console: Path
     events: Path
@@ -107,7 +109,7 @@ def boot(vmlinuz: Path, initrd: Path, cpus: int, append: str, workdir: Path,
     panic = PANIC_RE.search(text)
     warnings = WARN_RE.findall(text)
     if status != "timeout":
-        status = "panic" if panic else ("ok" if rc == 0 else "error")
+        status = "panic" if panic else ("error" if rc != 0 else ("bug" if warnings else "ok"))
     return BootResult(status=status, wall_s=wall, console=console,
                       events=workdir / "events.txt", results=workdir / "results.jsonl",
                       command=cmd, panic=panic.group(0) if panic else "",

@@ -366,13 +366,12 @@ static int writer_fn(void *unused)
 		}
 		seen = gen;
 		if (design == D_V3_RACE) {
-			/* write while an update walks; rest in between (trace volume) */
+			/* write while an update walks (trace volume) */
 			while (!atomic_read(&race_stop) && !kthread_should_stop()) {
-				if (atomic_read(&race_window)) {
+				/* nap between rounds: a spinning vCPU slows the whole TCG guest */
+				if (atomic_read(&race_window))
 					writer_round();
-					udelay(20);
-				} else
-					writer_nap();
+				writer_nap();
 			}
 		} else {
 			writer_round();
