@@ -292,3 +292,44 @@ def counts_table(trace: schema.Trace) -> str:
     t = ev.groupby(["kind", "cpu"], observed=True).size().unstack(fill_value=0)
     return t.to_string()
 
+
+
+def render_aggregates(agg: dict[str, Any]) -> str:
+    """Counts-mode summary (bcc --mode counts): counts per CPU, calls, log2 latency
+    histograms in the style of bcc's funclatency."""
+    if not agg:
+        return "no aggregates recorded"
+    out = []
+    per_cpu = pd.DataFrame(agg.get("per_cpu") or [], columns=["cpu", "kind", "msr", "count"])
+    if len(per_cpu):
+        label = per_cpu["kind"].astype(str)
+        has_msr = per_cpu["msr"].notna()
+        label[has_msr] = label[has_msr] + " " + per_cpu.loc[has_msr, "msr"].map(
+            lambda m: schema.msr_name(int(m)))
+        t = per_cpu.assign(event=label).pivot_table(index="event", columns="cpu",
+                                                    values="count", aggfunc="sum",
+                                                    fill_value=0)
+        t.columns = [f"cpu{c}" for c in t.columns]
+        t["total"] = t.sum(axis=1)
+        out += ["Events per CPU (counted in the kernel)", t.to_string(), ""]
+    calls = pd.DataFrame(agg.get("calls") or [],
+                         columns=["source_cpu", "target_cpu", "func", "count"])
+    if len(calls):
+        out += ["Cross-CPU calls queued (source -> target, function)",
+                calls.sort_values("count", ascending=False).head(20).to_string(index=False), ""]
+    hist = pd.DataFrame(agg.get("latency_log2") or [],
+                        columns=["target_cpu", "func", "slot", "low_ns", "high_ns", "count"])
+    for (cpu, func), h in hist.groupby(["target_cpu", "func"], sort=True):
+        total = int(h["count"].sum())
+        if total < 10 and len(hist) > 10:
+            continue
+        out.append(f"queue -> entry latency, target CPU {cpu}, {func} ({total} calls)")
+        out.append(f"{'ns':>26} : {'count':<8} distribution")
+        peak = int(h["count"].max()) or 1
+        for r in h.sort_values("slot").itertuples():
+            bar = "*" * int(round(40 * r.count / peak))
+            out.append(f"{r.low_ns:>12} -> {r.high_ns - 1:<10} : {r.count:<8} |{bar:<40}|")
+        out.append("")
+    out.append(f"entries without a seen queue: {agg.get('unmatched_entries', 0)}; "
+               f"queued but not entered at the end: {agg.get('inflight_at_end', 0)}")
+    return "\n".join(out)

@@ -398,3 +398,24 @@ def test_guest_cli_streams_with_a_bare_python(tmp_path: Path) -> None:
 
     df, _ = parse_text(text)
     assert len(workload_queue(df, wpid)) == N
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_error_after_attach_keeps_a_partial_trace_and_detaches(backend: str,
+                                                               tmp_path: Path) -> None:
+    """A real failure once probes are attached (the command cannot be started)."""
+    need_backend(backend)
+    out = tmp_path / "err.pkstrace"
+    p = subprocess.run([*PKSTRACE, "record", "--backend", backend, "-o", str(out),
+                        "--no-status", "-q", "--", str(tmp_path / "no-such-command")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("pkstrace record: error: cannot run") and "partial trace" in last
+    assert "Traceback" not in p.stderr
+    meta = tracefile.read_meta(out)
+    assert meta.partial and any("recording ended by an error" in n for n in meta.notes)
+    assert meta.extra["record"]["cleanup_problems"] == []
+    inst = meta.extra.get("tracefs", {}).get("instance")
+    if inst:  # the recorder's own instance name, now gone
+        assert not os.path.exists(f"{find_tracefs()}/instances/{inst}")

@@ -170,7 +170,11 @@ def run(args: argparse.Namespace) -> int:
     res = record(backend, out, meta, duration=args.duration, command=command,
                  force=args.force, status=args.status, on_attached=on_attached)
     lost = sum(res.lost.values())
-    print(f"pkstrace record: {res.rows} events in {res.elapsed_s:.1f} s "
+    what = f"{res.rows} events"
+    if args.mode == "counts":
+        counted = sum(r["count"] for r in meta.aggregates.get("per_cpu", []))
+        what = f"{counted} events counted in the kernel"
+    print(f"pkstrace record: {what} in {res.elapsed_s:.1f} s "
           f"({res.stop_reason}), {lost} lost, written to {res.path}", file=sys.stderr)
     if not args.quiet:
         print_summary(res.path)
@@ -182,6 +186,13 @@ def print_summary(path: Any) -> None:
     from pkstrace import tracefile
 
     trace = tracefile.read_trace(path)
+    if trace.meta.mode == "counts":
+        # Counts mode keeps aggregates, not rows: show them (the event analysis
+        # would find nothing to analyse).
+        from pkstrace.record import render_aggregates
+
+        print(render_aggregates(trace.meta.aggregates))
+        return
     try:
         from pkstrace.analysis import analyse
         from pkstrace.reports.terminal import render
