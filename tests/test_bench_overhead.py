@@ -143,3 +143,51 @@ def test_bpftrace_output_parsing():
     o = overhead._bpftrace_outcome(text)
     assert o.events == 19371
     assert o.detail["per_probe"] == {"msr:write_msr": 19364, "csd:csd_queue_cpu": 7}
+
+
+def _descendant_cmdlines(pid: int) -> list[str]:
+    """Command lines of processes whose command mentions ``--bench-pid PID``."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if f"--bench-pid {pid}" in cmd:
+            out.append(cmd)
+    return out
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupt_stops_the_tracer(require_root, sig):
+    """Ctrl-C (or SIGTERM) while bpftrace is attached: it is stopped, nothing is left."""
+    import signal
+
+    if not shutil.which("bpftrace") or not os.path.exists("/dev/cpu/1/cpuid"):
+        pytest.skip("needs bpftrace and /dev/cpu/1/cpuid")
+    before = STATS_SYSCTL.read_text()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pkstrace", "bench", "overhead", "--tracers", "bpftrace",
+         "--runs", "1", "--bpf-runs", "1", "--calls", "10000000", "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A shell's background job inherits SIGINT ignored; a user's terminal does not.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(
+                c.startswith("bpftrace") for c in _descendant_cmdlines(proc.pid)):
+            time.sleep(0.2)
+        assert any(c.startswith("bpftrace") for c in _descendant_cmdlines(proc.pid))
+        time.sleep(1)  # attached and the workload running
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+    assert _descendant_cmdlines(proc.pid) == []
+    assert STATS_SYSCTL.read_text() == before

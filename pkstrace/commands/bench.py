@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+from collections.abc import Iterator
 
 HELP = "measure cross-CPU call cost (ipi) and the tracer's own overhead (overhead)"
 DESCRIPTION = """\
@@ -142,6 +145,20 @@ def _run_ipi(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM / SIGHUP unwind like Ctrl-C, so every tracer we started is stopped."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def _run_overhead(args: argparse.Namespace) -> int:
     from pkstrace.bench import overhead
     from pkstrace.bench.common import write_json_atomic
@@ -156,9 +173,11 @@ def _run_overhead(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"bench overhead: {msg}", file=sys.stderr, flush=True)
 
-    doc = overhead.run(tracers=tracers, runs=args.runs, bpf_runs=max(0, args.bpf_runs),
-                       calls=args.calls, source_cpu=args.source_cpu,
-                       target_cpu=args.target_cpu, timeout_s=args.timeout, progress=progress)
+    with _terminate_as_interrupt():
+        doc = overhead.run(tracers=tracers, runs=args.runs, bpf_runs=max(0, args.bpf_runs),
+                           calls=args.calls, source_cpu=args.source_cpu,
+                           target_cpu=args.target_cpu, timeout_s=args.timeout,
+                           progress=progress)
     print(overhead.format_table(doc))
     if args.output:
         write_json_atomic(args.output, doc)
