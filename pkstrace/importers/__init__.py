@@ -180,7 +180,9 @@ def meta_for_import(stats: ImportStats, events: pd.DataFrame, source: str,
     if fmt == "ftrace_text" and stats.header.get("source") == "trace-cmd report":
         fmt = "trace_cmd_report"
     meta.backend = f"import:{fmt}"
-    meta.clock = "perf" if stats.format == "perf_script" else "unknown"
+    meta.clock = str(stats.header.get("clock") or (
+        "perf" if stats.format == "perf_script" else "unknown"))
+    meta.probes = list(stats.header.get("probes", []))
     meta.source = source
     meta.host = {}
     _apply_cpus(meta, events, stats, isolated, cpus)
@@ -194,6 +196,10 @@ def meta_for_import(stats: ImportStats, events: pd.DataFrame, source: str,
         reasons = sorted(stats.unparsed_lines.items())
         meta.notes.append(f"{stats.unparsed_total} input lines not understood: "
                           + ", ".join(f"{k} ({v})" for k, v in reasons))
+    written, kept = stats.header.get("entries_written"), stats.header.get("entries_in_buffer")
+    if written and kept is not None and written > kept:
+        meta.notes.append(f"the ring buffer overwrote {written - kept} of {written} events "
+                          f"before this capture was read (entries-in-buffer/entries-written)")
     if stats.lost_events:
         meta.notes.append("the source lost events: " + ", ".join(
             f"CPU {c}: {n}" for c, n in sorted(stats.lost_events.items())))

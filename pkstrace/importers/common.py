@@ -239,13 +239,16 @@ def timestamps_ns(sec: pa.Array, frac: pa.Array) -> np.ndarray:
 # Flags column ("d.h1." and the like)
 # ---------------------------------------------------------------------------
 
-# Per Documentation/trace/ftrace.rst: irqs-off, need-resched, hardirq/softirq,
-# preempt-depth, migrate-disable (the 5th character is absent before 5.13-ish).
-FLAGS_RE = r"[dDX.][NnpBb.][ZzHhs.][0-9a-fA-F.][0-9a-fA-F.]?"
+# Per Documentation/trace/ftrace.rst and trace_print_lat_fmt(): irqs-off ('d',
+# 'D' = also BH off, 'b' = only BH off), need-resched (N n p B b L l), hardirq/
+# softirq, preempt-depth (low 4 bits, hex), migrate-disable (absent before 5.13).
+# A negative preempt count shows as garbage such as "bnZe.": depth 0xe, "NMI".
+FLAGS_RE = r"[dDbX.][NnpBbLl.][ZzHhs.][0-9a-fA-F.][0-9a-fA-F.]?"
 _IRQS_OFF = np.full(256, -1, np.int8)
 _IRQS_OFF[ord(".")] = 0
 _IRQS_OFF[ord("d")] = 1
 _IRQS_OFF[ord("D")] = 1  # irqs off and BH disabled
+_IRQS_OFF[ord("b")] = 0  # only BH disabled
 _IRQ_CTX = np.full(256, -1, np.int8)
 _IRQ_CTX[ord(".")] = schema.IrqCtx.TASK
 _IRQ_CTX[ord("s")] = schema.IrqCtx.SOFTIRQ

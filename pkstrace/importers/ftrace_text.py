@@ -20,6 +20,7 @@ what that rejects is classified line by line (only those lines).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable
 
@@ -50,7 +51,8 @@ LINE_RE = (
     r"(?:\(\s*(?P<tgid>\d+|-+)\)\s+)?"
     r"(?:\[(?P<cpu>\d+)\]\s+(?:(?P<flags>" + FLAGS_RE + r")\s+)?"
     r"|(?P<latcpu>\d+)(?P<latflags>" + FLAGS_RE + r")\s+)"
-    r"(?P<sec>\d+)(?:\.(?P<frac>\d+))?(?P<us>us)?\s*:\s+"
+    # latency format: "1401198603us+:" (delay mark: space + ! # * @ $)
+    r"(?P<sec>\d+)(?:\.(?P<frac>\d+))?(?P<us>us)?[+!#*@$]?\s*:\s+"
     r"(?P<event>[\w:]+):\s*(?P<args>.*?)\s*$"
 )
 
@@ -59,6 +61,9 @@ _HEADER_P = re.compile(r"#P:(\d+)")
 _HEADER_TRACER = re.compile(r"^#\s*tracer:\s*(\S+)")
 _HEADER_ENTRIES = re.compile(r"entries-in-buffer/entries-written:\s*(\d+)/(\d+)")
 _TC_CPUS = re.compile(r"^\s*cpus=(\d+)\s*$")
+# Comment lines pkstrace's own tracefs streamer adds (backends/tracefs.py):
+# "# pkstrace-probe: {...}", "# pkstrace-lost: {"0": 0}", "# pkstrace-clock: "mono"".
+_PKSTRACE_META = re.compile(r"^#\s*pkstrace-([\w-]+):\s*(.*)$")
 _LOST = re.compile(r"CPU:?\s*(\d+)\s*\[LOST (\d+) EVENTS\]")
 _STACK = re.compile(r"^\s*(?:>\s*)*(?:\[\s*\d+\.\d+\]\s*)?=>\s|<stack trace>|<user stack trace>")
 _HEADERISH = re.compile(r"^\s*(?:#|CPU \d+ is empty|version = |##### CPU \d+ buffer started)")
@@ -103,6 +108,10 @@ def classify_other_lines(lines: list[str], stats: ImportStats) -> None:
 
 def _header_facts(line: str, stats: ImportStats) -> None:
     h = stats.header
+    m = _PKSTRACE_META.match(line)
+    if m:
+        _pkstrace_fact(m.group(1), m.group(2), stats)
+        return
     m = _HEADER_P.search(line)
     if m:
         h.setdefault("nr_cpus", int(m.group(1)))
@@ -117,6 +126,27 @@ def _header_facts(line: str, stats: ImportStats) -> None:
     if m:
         h.setdefault("nr_cpus", int(m.group(1)))
         h.setdefault("source", "trace-cmd report")
+
+
+def _pkstrace_fact(key: str, raw: str, stats: ImportStats) -> None:
+    try:
+        val = json.loads(raw)
+    except ValueError:
+        stats.count_unparsed("bad pkstrace comment line")
+        return
+    if key == "lost" and isinstance(val, dict):
+        for cpu, n in val.items():
+            try:
+                c, k = int(cpu), int(n)
+            except (TypeError, ValueError):
+                continue
+            stats.lost_events[c] = max(stats.lost_events.get(c, 0), k)
+    elif key == "probe" and isinstance(val, dict):
+        stats.header.setdefault("probes", []).append(val)
+    elif key == "clock" and isinstance(val, str):
+        stats.header["clock"] = val
+    else:
+        stats.header.setdefault("pkstrace", {})[key] = val
 
 
 def _regex_fields(lines: pa.Array) -> tuple[np.ndarray, HeaderFields | None]:

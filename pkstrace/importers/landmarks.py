@@ -54,8 +54,8 @@ def _lut(chars: bytes, values: list[int] | None = None, default: int = -1) -> np
 _IS_DIGIT = np.zeros(256, bool)
 _IS_DIGIT[ord("0"):ord("9") + 1] = True
 # flags column, position by position (Documentation/trace/ftrace.rst)
-_F0 = _lut(b".dDX", [0, 1, 1, -1], default=-2)  # irqs off; -2 = not a flag char
-_F1 = _lut(b".NnpBb", [0] * 6, default=-2)  # need-resched (not kept)
+_F0 = _lut(b".dDbX", [0, 1, 1, 0, -1], default=-2)  # irqs off; -2 = not a flag char
+_F1 = _lut(b".NnpBbLl", [0] * 8, default=-2)  # need-resched (not kept)
 _F2 = _lut(b".shHzZ", [schema.IrqCtx.TASK, schema.IrqCtx.SOFTIRQ, schema.IrqCtx.HARDIRQ,
                        schema.IrqCtx.HARDIRQ, schema.IrqCtx.NMI, schema.IrqCtx.NMI], default=-2)
 _F3 = _lut(b".0123456789abcdefABCDEF",
