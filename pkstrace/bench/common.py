@@ -113,8 +113,12 @@ def pinned(cpu: int) -> Iterator[None]:
 
 
 # A process that spins on one CPU, so that CPU is busy (not idle) when called.
+# PR_SET_PDEATHSIG: the kernel kills it if we die without cleaning up (kill -9).
 _SPIN_PROCESS_SRC = (
-    "import os, sys\n"
+    "import ctypes, os, sys\n"
+    "ctypes.CDLL(None).prctl(1, 9)\n"
+    "if os.getppid() != int(sys.argv[2]):\n"
+    "    sys.exit(0)\n"
     "os.sched_setaffinity(0, {int(sys.argv[1])})\n"
     "sys.stdout.write('spinning\\n'); sys.stdout.flush()\n"
     "while True:\n"
@@ -126,7 +130,7 @@ _SPIN_PROCESS_SRC = (
 def spinning_process(cpu: int) -> Iterator[int]:
     """A child process spinning on ``cpu``; killed on exit (also on Ctrl-C / errors)."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", _SPIN_PROCESS_SRC, str(cpu)],
+        [sys.executable, "-c", _SPIN_PROCESS_SRC, str(cpu), str(os.getpid())],
         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
     )
     try:

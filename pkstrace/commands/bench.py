@@ -133,8 +133,9 @@ def _run_ipi(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"bench ipi: {msg}", file=sys.stderr, flush=True)
 
-    doc = ipi.run(cpus=args.cpus, iterations=args.iterations, warmup=max(0, args.warmup),
-                  progress=progress)
+    with _terminate_as_interrupt():
+        doc = ipi.run(cpus=args.cpus, iterations=args.iterations, warmup=max(0, args.warmup),
+                      progress=progress)
     print(ipi.format_table(doc))
     if args.output:
         write_json_atomic(args.output, doc)
