@@ -190,6 +190,7 @@ def run(cpus: list[int] | None = None, iterations: int = 2000, warmup: int = 50,
     cpus = _check_cpus(cpus)
     say = progress or (lambda _msg: None)
     fds = {c: _cpuid_fd(c) for c in cpus}
+    load_before = os.getloadavg()[0]
     notes: list[str] = []
     dropped: dict[str, int] = {}  # label -> samples dropped because we were preempted
     slept: dict[str, float] = {}  # label -> share of calls during which the caller slept
@@ -291,6 +292,9 @@ def run(cpus: list[int] | None = None, iterations: int = 2000, warmup: int = 50,
         "git_rev": git_revision(),
         "cpus": cpus,
         "iterations": iterations,
+        # Other work on the host (1-min load average before and after): the
+        # tails of these distributions are only as good as the host is quiet.
+        "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "mechanism": {
             "remote": "16-byte pread of /dev/cpu/N/cpuid: smp_call_function_single_async + "
                       "wait_for_completion (caller sleeps; the target wakes it)",
@@ -389,8 +393,9 @@ def _us(ns: float) -> str:
 
 def format_table(doc: dict[str, Any]) -> str:
     """The terminal summary: per pair and state, then serial vs broadcast (us)."""
+    load = doc.get("loadavg_1min") or ["?", "?"]
     lines = [f"synchronous cross-CPU call round trip ({doc['host'].get('kernel', '?')}, "
-             f"{doc['iterations']} calls each), us",
+             f"{doc['iterations']} calls each, load average {load[0]} -> {load[-1]}), us",
              f"{'source':>6} {'target':>6} {'state':<6} {'p50':>8} {'p90':>8} {'p99':>8}"]
     for p in doc["per_pair"]:
         lines.append(f"{p['source_cpu']:>6} {p['target_cpu']:>6} {p['state']:<6} "
