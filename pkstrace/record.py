@@ -162,6 +162,7 @@ def record(backend: Backend, out: str | os.PathLike[str], meta: schema.TraceMeta
     t0 = time.monotonic()
     start_ns = end_ns = 0
     ts_min, ts_max = None, None
+    recording = False  # probes attached: from here on a trace file is kept
 
     def take(batch: pd.DataFrame) -> None:
         nonlocal ts_min, ts_max
@@ -190,6 +191,7 @@ def record(backend: Backend, out: str | os.PathLike[str], meta: schema.TraceMeta
             if failed_required:
                 r = failed_required[0]
                 raise KernelFeatureError(f"required probe {r.name} did not attach: {r.reason}")
+            recording = True
             if on_attached:
                 on_attached(results)
             if command and not stopper.reason:
@@ -259,6 +261,12 @@ def record(backend: Backend, out: str | os.PathLike[str], meta: schema.TraceMeta
     if error is not None:
         meta.partial = True
         meta.notes.append(f"recording ended by an error: {_one_line(error)}")
+    if error is not None and not recording:
+        # Nothing was recorded (attach failed): no file, just the error.
+        writer.abort()
+        if isinstance(error, (PkstraceError, KeyboardInterrupt)):
+            raise error
+        raise PkstraceError(f"cannot start recording: {_one_line(error)}") from error
     try:
         path = writer.close(meta)
     except PkstraceError:
