@@ -63,10 +63,9 @@ def machine() -> dict:
     import pyarrow
     model = ""
     try:
-        for ln in open("/proc/cpuinfo"):
-            if ln.startswith("model name"):
-                model = ln.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f
+                          if ln.startswith("model name")), "")
     except OSError:
         pass
     try:
