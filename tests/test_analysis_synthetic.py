@@ -396,3 +396,87 @@ def test_hashed_grouping_is_exact():
     ga = groups(hashed_group_order(cpu, csd, func))
     assert ga == groups(group_order(key))
     assert len(ga) == len(np.unique(key))
+
+
+def test_global_update_events_delimit_episodes_and_drift():
+    """With update_global_pkrs kprobe events, a walk stalled for milliseconds between
+    two calls (an emulated host) is still one update; interleaved calls of another
+    func from the same callsite do not break its drift; a kworker waking two CPUs
+    outside any update is not an episode."""
+    rows: list[dict] = []
+    for u, t0 in enumerate((0, 100_000 * US)):
+        rows.append(dict(ts=t0, cpu=0, pid=42, comm="pks_updater", kind="global_update",
+                         value=4, pkey=1, prot=1))
+        t = t0 + 10 * US
+        for i, tgt in enumerate(range(1, 5)):
+            t = call(rows, t, 0, tgt, csd=0xBEEF, depth=7 - i, pid=42, comm="pks_updater")
+            t += 5_000 * US if i == 1 else 2 * US  # a 5 ms stall mid-walk
+            call(rows, t, 0, 1, csd=0xF00D + u, func="nohz_csd_func", depth=3, pid=42,
+                 comm="pks_updater")
+            t += 30 * US
+    for k, tgt in enumerate((2, 3)):  # a kworker waking tasks on two CPUs
+        call(rows, 300_000 * US + k * 50 * US, 1, tgt, csd=0x77 + k, pid=9, comm="kworker",
+             func="sched_ttwu_pending", site="ttwu_queue_wakelist+0xdd")
+    f = analyse(build(rows), episode_gap_ns=1_000_000)
+    e = f.episodes
+    assert e["targets"].tolist() == [4, 4] and set(e["func"]) == {FUNC}
+    assert e["stall_ns"].min() > 5_000 * US
+    assert [d for d in f.drift["depths"]] == [[7, 6, 5, 4], [7, 6, 5, 4]]
+
+
+def test_self_ipi_on_isolated_cpu_is_not_a_violation():
+    rows = [dict(ts=10, cpu=3, pid=0, kind="ipi_send", target_cpu=3, func="irq_work"),
+            dict(ts=20, cpu=0, pid=5, kind="ipi_send", target_cpu=3, func="0x0")]
+    v = analyse(build(rows), isolated=[3]).violations
+    assert v["source_cpu"].tolist() == [0]
+
+
+def test_remote_write_inside_write_pkrs_window_is_not_its_write():
+    # write_pkrs(0x4) on CPU 1 hits the cache; a remote update's handler then writes
+    # the MSR on CPU 1 in the same task's context: still a cache hit
+    rows = wp(1000, 1, 0x4) + wp(2000, 1, 0x4, write=False)
+    rows += [dict(ts=2050, cpu=1, pid=50, kind="csd_entry", func=FUNC, csd=0x9),
+             dict(ts=2060, cpu=1, pid=50, kind="msr_write", msr=schema.MSR_PKRS, value=0x4),
+             dict(ts=2070, cpu=1, pid=50, kind="csd_exit", func=FUNC, csd=0x9)]
+    w = analyse(build(rows)).write_pkrs.set_index("cpu").loc[1]
+    assert (w["calls"], w["cache_hits"], w["pkrs_msr_writes"]) == (2, 1, 2)
+
+
+KIND_CHOICES = list(schema.KINDS)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_traces_never_crash_and_stay_consistent(seed):
+    """Any mix of events (also nonsense: exits without entries, queues to self,
+    cpumask sends, huge values) analyses without error and with consistent counts."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 300))
+    cpus = int(rng.integers(1, 6))
+    cols = {
+        "ts": np.sort(rng.integers(0, 10_000_000, n)),
+        "cpu": rng.integers(0, cpus, n),
+        "pid": rng.integers(0, 4, n),
+        "comm": rng.choice(["a", "b", "<idle>"], n),
+        "kind": rng.choice(KIND_CHOICES, n),
+        "preempt_depth": rng.integers(-1, 16, n),
+        "msr": rng.choice([0x6E1, 0x830, 0x48, -1], n),
+        "value": rng.integers(0, 4, n).astype(np.uint64),
+        "target_cpu": rng.integers(-1, cpus, n),
+        "cpumask": rng.choice(["", "0-1", "2", "bogus"], n),
+        "callsite": rng.choice(["", "x+0x1", "y+0x2"], n),
+        "func": rng.choice(["", "f", "g"], n),
+        "csd": rng.integers(0, 3, n).astype(np.uint64),
+        "next_pid": rng.integers(-1, 4, n),
+    }
+    if seed % 2:  # out of order across CPUs
+        order = np.lexsort((cols["ts"], cols["cpu"]))
+        cols = {k: np.asarray(v)[order] for k, v in cols.items()}
+    f = analyse(schema.Trace(schema.normalize(cols), schema.TraceMeta()),
+                isolated=[0], calibration=load_calibration("review"))
+    assert f.counts["count"].sum() == n
+    remote = f.calls[~f.calls["local"]]
+    assert (remote["latency_ns"] >= 0).all()
+    assert (f.calls["handler_ns"].dropna() >= 0).all()
+    s = f.cross_cpu_summary
+    assert s["remote"] + s["unmatched_queue"] == (cols["kind"] == "csd_queue").sum()
+    json.dumps(f.to_json())

@@ -189,3 +189,10 @@ def test_schema_trace_columns_generated_from_schema_module():
     assert list(doc["properties"]) == list(schema.COLUMN_NAMES)
     assert doc["properties"]["kind"]["enum"] == list(schema.KINDS)
     assert doc["properties"]["csd"]["maximum"] == 2**64 - 1
+
+
+def test_docs_describe_every_top_level_key(replay_schema):
+    text = (ROOT / "docs" / "json-schema.md").read_text()
+    assert f"schema version {replay_schema['properties']['schema_version']['const']}" in text
+    for key in replay_schema["properties"]:
+        assert f"`{key}`" in text, key

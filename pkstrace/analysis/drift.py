@@ -1,8 +1,9 @@
 """Family 6: preempt-count drift, a leak that repeats with every call of a walk.
 
-Within one task's run of csd_queue events from one callsite on one CPU (split
-where the next queue comes more than ``gap_ns`` after the previous call
-completed, as for episodes), look at the preempt depth each queue was issued at.
+Within one task's run of csd_queue events from one callsite for one func on one CPU (one
+traced global update, or, without global_update events, split where the next
+queue comes more than ``gap_ns`` after the previous call completed, as for
+episodes), look at the preempt depth each queue was issued at.
 ``per_cpu_ptr()`` paired with ``put_cpu_ptr()`` drops the count by one per
 target, so the depth steps by -1 (or +1 for the opposite imbalance) from call to
 call. A *drift* is a run of at least ``MIN_CALLS`` consecutive queues whose
@@ -33,7 +34,8 @@ def drift(p: Prepared, queues: pd.DataFrame, gap_ns: int = DEFAULT_GAP_NS) -> pd
     q = queues[queues["depth"].to_numpy() >= 0]
     if len(q) < MIN_CALLS:
         return empty
-    order, run = runs(q, ["source_cpu", "pid", "callsite_code"], gap_ns, split_on_target=False)
+    order, run = runs(q, ["source_cpu", "pid", "callsite_code", "func_code"], gap_ns,
+                      split_on_target=False)
     depth = q["depth"].to_numpy()[order]
     d = (depth[1:] - depth[:-1] + DEPTH_MODULUS // 2) % DEPTH_MODULUS - DEPTH_MODULUS // 2
     step = np.where((run[1:] == run[:-1]) & (np.abs(d) == 1), d, 0)

@@ -4,8 +4,11 @@ An *episode* is a run of csd_queue events (matched or not) issued by one task
 (pid) on one CPU from one callsite for one func, to at least ``MIN_TARGETS``
 distinct target CPUs, where a new run starts when
 
-- the next queue comes more than ``gap_ns`` after the previous call completed
-  (its exit, else its entry, else its queue), or
+- the task enters a new global update (a ``global_update`` event, where the
+  trace has them: they delimit updates exactly), or, for calls outside any
+  traced update, the next queue comes more than ``gap_ns`` after the previous
+  call completed (its exit, else its entry, else its queue); when the trace has
+  global_update events, only runs inside an update are episodes; or
 - the target CPU does not increase (``for_each_cpu`` walks and
   ``smp_call_function_many`` both visit CPUs in ascending order, so a repeat means
   a new walk).
@@ -23,24 +26,51 @@ import pandas as pd
 
 from pkstrace import schema
 from pkstrace.analysis.findings import EPISODE_COLUMNS
-from pkstrace.analysis.prep import Prepared, dense_key, group_order
+from pkstrace.analysis.prep import Prepared, asof_prev, dense_key, group_order
 
 DEFAULT_GAP_NS = 1_000_000
 MIN_TARGETS = 2
 
 
+def update_segments(p: Prepared, queues: pd.DataFrame) -> np.ndarray:
+    """For each queue: the row of the last global_update event (a kprobe on
+    update_global_pkrs & co) of the same task before it, else -1.
+
+    Where the trace has these events they delimit the global updates exactly, so
+    no time-gap guess is needed (an emulated host can stall a walk for
+    milliseconds between two calls).
+    """
+    gu = p.rows(schema.Kind.GLOBAL_UPDATE)
+    if len(gu) == 0 or len(queues) == 0:
+        return np.full(len(queues), -1, dtype=np.int64)
+    pid = p.col("pid")
+    found = asof_prev(queues["pid"].to_numpy(), queues["row"].to_numpy(), pid[gu], gu, p.n)
+    return np.where(found >= 0, gu[np.maximum(found, 0)], -1)
+
+
 def runs(queues: pd.DataFrame, by: list[str], gap_ns: int,
          split_on_target: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Split queues into runs: (order into queues, run id per ordered queue)."""
+    """Split queues into runs: (order into queues, run id per ordered queue).
+
+    Queues inside a global update (``segment`` >= 0) are split by update; the
+    others by the time gap between one call's completion and the next queue.
+    """
     if len(queues) == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    key = dense_key(*(queues[c].to_numpy() for c in by))
+    parts = [queues[c].to_numpy() for c in by]
+    seg = queues["segment"].to_numpy() if "segment" in queues.columns else None
+    if seg is not None:
+        parts.append(seg)
+    key = dense_key(*parts)
     order = group_order(key)
     g = key[order]
     ts = queues["ts"].to_numpy()[order]
     done = queues["done_ns"].to_numpy()[order]
     new = np.ones(len(order), dtype=bool)
-    new[1:] = (g[1:] != g[:-1]) | (ts[1:] - done[:-1] > gap_ns)
+    gap = ts[1:] - done[:-1] > gap_ns
+    if seg is not None:
+        gap &= seg[order][1:] < 0
+    new[1:] = (g[1:] != g[:-1]) | gap
     if split_on_target:
         tgt = queues["target_cpu"].to_numpy()[order]
         new[1:] |= tgt[1:] <= tgt[:-1]
@@ -64,6 +94,12 @@ def episodes(p: Prepared, queues: pd.DataFrame,
     pr_run, pr_tgt = pairs // width, pairs % width - 1
     ntargets = np.bincount(pr_run, minlength=int(run[-1]) + 1)
     keep_row = ntargets[run] >= MIN_TARGETS
+    if "segment" in queues.columns:
+        seg = queues["segment"].to_numpy()[order]
+        if (seg >= 0).any():
+            # the trace marks its global updates: other multi-CPU runs (a kworker
+            # waking tasks on two CPUs) are not reported as episodes
+            keep_row &= seg >= 0
     if not keep_row.any():
         return _empty(), ep_of_queue
     order, run = order[keep_row], run[keep_row]

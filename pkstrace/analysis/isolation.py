@@ -12,7 +12,8 @@ the handler does there, such as an MSR write). They are one violation:
   isolated CPU in it) that no csd_queue from the same source CPU to that target
   explains: a csd_queue within ``IPI_AFTER_QUEUE_NS`` before it (the kernel sends
   at most one IPI per batch of queued calls, right after queueing) makes it part
-  of that call. Reschedule and other IPIs without a csd remain violations.
+  of that call. Reschedule and other IPIs without a csd remain violations; an
+  isolated CPU's IPI to itself (irq_work) does not count.
 
 ``tracer_induced``: the call patches kernel text, which is what enabling a
 tracepoint or kprobe does (``do_sync_core`` IPIs to every CPU, ``text_poke_*``
@@ -66,7 +67,8 @@ def violations(p: Prepared, isolated: list[int], queues: pd.DataFrame,
             "func": p.strings("func", r), "callsite": "", "comm": "", "pid": -1,
             "via": "csd_entry"}))
     ipi_rows, ipi_tgt = expand_ipi_targets(p)
-    on_iso = np.isin(ipi_tgt, iso)
+    # a CPU's IPI to itself (irq_work, self-kick) is its own work, not an intrusion
+    on_iso = np.isin(ipi_tgt, iso) & (ipi_tgt != p.col("cpu")[ipi_rows])
     ipi_rows, ipi_tgt = ipi_rows[on_iso], ipi_tgt[on_iso]
     if len(ipi_rows):
         cpu, ts = p.col("cpu"), p.col("ts")
@@ -80,8 +82,9 @@ def violations(p: Prepared, isolated: list[int], queues: pd.DataFrame,
         qo = np.argsort(qr, kind="stable")
         found = asof_prev(ikey, ipi_rows, qkey[qo], qr[qo], p.n)
         explained = found >= 0
-        fq = qr[qo][np.maximum(found, 0)]
-        explained &= (ts[ipi_rows] - ts[fq]) <= IPI_AFTER_QUEUE_NS
+        if len(qr):
+            fq = qr[qo][np.maximum(found, 0)]
+            explained &= (ts[ipi_rows] - ts[fq]) <= IPI_AFTER_QUEUE_NS
         lone, lone_tgt = ipi_rows[~explained], ipi_tgt[~explained]
         if len(lone):
             parts.append(pd.DataFrame({

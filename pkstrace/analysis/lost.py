@@ -24,7 +24,13 @@ import pandas as pd
 
 from pkstrace import schema
 from pkstrace.analysis.findings import LOST_UPDATE_COLUMNS
-from pkstrace.analysis.prep import Prepared, asof_prev, enclosing_handler, prev_next_in_group
+from pkstrace.analysis.prep import (
+    Prepared,
+    asof_prev,
+    enclosing_handler,
+    prev_next_in_group,
+    take,
+)
 
 
 def lost_updates(p: Prepared, wp_rows: np.ndarray, wp_hit: np.ndarray,
@@ -56,7 +62,7 @@ def lost_updates(p: Prepared, wp_rows: np.ndarray, wp_hit: np.ndarray,
             parts.append(pd.DataFrame({
                 "time_ns": ts[h], "cpu": cpu[h], "type": "stale_cache",
                 "cached_value": val[h], "msr_value": m[bad], "expected_value": val[h],
-                "episode": np.where(ep >= 0, rem_ep[np.maximum(ep, 0)], -1),
+                "episode": take(rem_ep, ep),
                 "detail": "write_pkrs skipped the MSR write (cache hit) but the MSR held "
                           "another value"}))
 

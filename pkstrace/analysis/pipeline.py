@@ -15,7 +15,12 @@ from pkstrace import schema
 from pkstrace.analysis import counts as counts_mod
 from pkstrace.analysis.crosscpu import cross_cpu, public_calls
 from pkstrace.analysis.drift import drift
-from pkstrace.analysis.episodes import DEFAULT_GAP_NS, broadcast_send_gaps, episodes
+from pkstrace.analysis.episodes import (
+    DEFAULT_GAP_NS,
+    broadcast_send_gaps,
+    episodes,
+    update_segments,
+)
 from pkstrace.analysis.findings import Findings
 from pkstrace.analysis.isolation import isolated_cpus, violations
 from pkstrace.analysis.lost import lost_updates
@@ -100,6 +105,7 @@ def analyse(trace: schema.Trace, isolated: list[int] | None = None,
     _lap(tm, "crosscpu", t)
 
     t = clock()
+    cc.queues["segment"] = update_segments(p, cc.queues)
     eps, ep_of_queue = episodes(p, cc.queues, episode_gap_ns)
     cc.queues["episode"] = ep_of_queue
     # calls carry their episode (matched remote calls only)

@@ -308,3 +308,11 @@ def enclosing_handler(p: Prepared, rows: np.ndarray) -> np.ndarray:
     cand = hx[np.maximum(last, 0)]
     inside = (last >= 0) & (p.kind[cand] == KIND_CODE["csd_entry"])
     return np.where(inside, cand, -1)
+
+
+def take(arr: np.ndarray, idx: np.ndarray, default: int | float = -1) -> np.ndarray:
+    """``arr[idx]`` where idx >= 0, ``default`` where idx is -1 (also if arr is empty)."""
+    ok = idx >= 0
+    if len(arr) == 0:
+        return np.full(len(idx), default)
+    return np.where(ok, arr[np.where(ok, idx, 0)], default)

@@ -13,9 +13,10 @@ carries no caller).
 
 write_pkrs, per CPU: ``calls``; ``cache_hits``: calls after which the MSR was not
 written. Precisely: a write_pkrs call on CPU c by task p is a *cache hit* unless
-the next event on c among {write_pkrs call, sched_switch, MSR 0x6e1 write} is an
-MSR 0x6e1 write by the same task p. ``msr_writes`` = calls - cache_hits (calls
-that wrote the MSR); ``pkrs_msr_writes``: every MSR 0x6e1 write on c, including
+the next event on c among {write_pkrs call, sched_switch, MSR 0x6e1 write not
+made by a cross-CPU call handler} is an MSR 0x6e1 write by the same task p.
+``msr_writes`` = calls - cache_hits (calls that wrote the MSR); ``pkrs_msr_writes``:
+every MSR 0x6e1 write on c, including
 remote ones.
 """
 
@@ -122,11 +123,14 @@ def _write_pkrs(p: Prepared, cpu: np.ndarray) -> tuple[np.ndarray, np.ndarray, p
     pk_writes = p.rows(schema.Kind.MSR_WRITE)
     pk_writes = pk_writes[(p.col("msr")[pk_writes] == schema.MSR_PKRS)
                           & (p.col("failed")[pk_writes] != 1)]
+    # a write made by a cross-CPU call's handler (a remote update landing here) is
+    # not the write of an interrupted write_pkrs call
+    own_writes = pk_writes[enclosing_handler(p, pk_writes) < 0]
     if len(calls) == 0:
         cols = WRITE_PKRS_COLUMNS
         if len(pk_writes) == 0:
             return calls, np.zeros(0, dtype=bool), _empty(cols)
-    seq = np.sort(np.concatenate([calls, pk_writes, p.rows(schema.Kind.SCHED_SWITCH)]))
+    seq = np.sort(np.concatenate([calls, own_writes, p.rows(schema.Kind.SCHED_SWITCH)]))
     _, nxt = prev_next_in_group(cpu[seq])
     pos = np.searchsorted(seq, calls)
     j = nxt[pos]
