@@ -19,6 +19,7 @@ import bz2
 import gzip
 import lzma
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def detect_format(data: bytes, name: str = "input") -> str:
     for magic, hint in _MAGIC_HINTS:
         if head.startswith(magic):
             raise InputError(f"{name}: {hint}")
-    if not data.strip():
+    if re.search(rb"\S", data) is None:  # stops at the first non-blank byte
         raise InputError(f"{name}: empty input")
     if b"\x00" in head:
         raise InputError(f"{name}: binary data, not a text trace")
@@ -121,21 +122,16 @@ def _count_matches(lines: pa.Array, pattern: str) -> int:
     return int(pc.sum(pc.match_substring_regex(lines, pattern)).as_py() or 0)
 
 
-def _chunks(data: bytes, size: int) -> list[bytes]:
-    """Cut ``data`` into pieces of about ``size`` bytes at line ends."""
+def _chunks(data: bytes, size: int) -> list[memoryview]:
+    """Cut ``data`` into pieces of about ``size`` bytes at line ends (views, no copies)."""
+    view = memoryview(data)
     out = []
     start = 0
     while start < len(data):
-        end = start + size
-        if end >= len(data):
-            out.append(data[start:])
-            break
-        nl = data.find(b"\n", end)
-        if nl < 0:
-            out.append(data[start:])
-            break
-        out.append(data[start:nl + 1])
-        start = nl + 1
+        nl = data.find(b"\n", start + size) if start + size < len(data) else -1
+        end = len(data) if nl < 0 else nl + 1
+        out.append(view[start:end])
+        start = end
     return out
 
 

@@ -135,13 +135,14 @@ class Lines:
         return substrings(pa.py_buffer(self.raw), self.starts[rows], self.ends[rows])
 
 
-def split_lines(data: bytes | str) -> Lines:
+def split_lines(data: bytes | memoryview | str) -> Lines:
     """Cut text into :class:`Lines` (vectorised: newline positions via numpy)."""
     if isinstance(data, str):
         data = data.encode("utf-8", errors="replace")
-    raw = np.frombuffer(data, np.uint8)
-    if data.find(b"\r") >= 0:
-        raw = raw[raw != CR]
+    raw = np.frombuffer(data, np.uint8)  # bytes or a memoryview slice: no copy
+    is_cr = raw == CR
+    if is_cr.any():
+        raw = raw[~is_cr]
     if len(raw) and not _valid_utf8(raw):
         fixed = raw.tobytes().decode("utf-8", errors="replace").encode()
         raw = np.frombuffer(fixed, np.uint8)
@@ -573,6 +574,11 @@ FAST_ARGS: dict[str, tuple[str, str | None, tuple[str, ...], tuple[int, ...]]] =
                      ("target_cpu", "callsite", "func"), (4, 9, 9)),
     "ipi_send_cpumask": (r"^cpumask=[0-9,\-]* callsite=\S+ callback=\S+$", " ",
                          ("cpumask", "callsite", "func"), (8, 9, 9)),
+    # comms without spaces (nearly all): 8 space-separated tokens
+    "sched_switch": (r"^prev_comm=\S+ prev_pid=\d+ prev_prio=-?\d+ prev_state=\S+ ==> "
+                     r"next_comm=\S+ next_pid=\d+ next_prio=-?\d+$", " ",
+                     ("_prev_comm", "_prev_pid", "_x1", "prev_state", "_x2", "next_comm",
+                      "next_pid", "_x3"), (10, 9, 0, 11, 0, 10, 9, 0)),
     "call_function_entry": (r"^vector=\d{1,6}$", None, ("vector",), (7,)),
     "call_function_exit": (r"^vector=\d{1,6}$", None, ("vector",), (7,)),
     "call_function_single_entry": (r"^vector=\d{1,6}$", None, ("vector",), (7,)),
@@ -595,9 +601,11 @@ def _fast_args(canon: str, args: pa.Array) -> tuple[np.ndarray, dict[str, pa.Arr
         pieces = [sub]
     else:
         flat = pc.split_pattern(sub, sep).flatten()
-        pieces = [flat.take(pa.array(np.arange(i, len(flat), k))) for i in range(k)]
+        pieces = [flat.take(pa.array(np.arange(i, len(flat), k))) if not names[i].startswith(
+            ("_x", "_prev")) else None for i in range(k)]
     return mask, {name: (pc.utf8_slice_codeunits(p, skip) if skip else p)
-                  for name, p, skip in zip(names, pieces, skips, strict=True)}
+                  for name, p, skip in zip(names, pieces, skips, strict=True)
+                  if not name.startswith(("_x", "_prev"))}
 
 
 def _store(fields: dict[str, pa.Array], rows: np.ndarray, kind: schema.Kind,
@@ -606,8 +614,8 @@ def _store(fields: dict[str, pa.Array], rows: np.ndarray, kind: schema.Kind,
     good = np.ones(len(rows), bool)
     parsed: dict[str, Any] = {}
     for col, a in fields.items():
-        if col.startswith("_prev"):
-            continue  # sched_switch's prev comm/pid: the line's own comm/pid
+        if col.startswith(("_prev", "_x")):
+            continue  # sched_switch's prev comm/pid (the line's own) and priorities
         if col in _HEX_COLUMNS:
             parsed[col], vok = hex_to_u64(a)
             good &= vok

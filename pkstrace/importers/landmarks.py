@@ -70,7 +70,9 @@ def _window(buf: np.ndarray, start: np.ndarray, width: int) -> np.ndarray:
     an (n, width) index matrix instead would cost ten times as much.
     """
     view = np.lib.stride_tricks.sliding_window_view(buf, width)
-    return view[np.clip(start, 0, len(view) - 1)]
+    idx = np.minimum(start, np.int64(len(view) - 1))
+    np.maximum(idx, np.int64(0), out=idx)
+    return view[idx]
 
 
 _POW10 = 10 ** np.arange(19, dtype=np.int64)
@@ -99,15 +101,16 @@ def _marks(buf: np.ndarray, char: int) -> np.ndarray:
 def _uint_from(buf: np.ndarray, start: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
     """The run of digits starting at ``start`` (at most width-1 long): (value, length).
 
-    One window serves both the length and the value. length == 0: no digits;
-    length == width: too long (callers reject it).
+    One window serves both the length and the value: the digits read as a
+    width-digit number (a matrix-vector product), divided by 10**(width - length).
+    length == 0: no digits; length == width: too long (callers reject it).
     """
     win = _window(buf, start, width)
     dig = _IS_DIGIT[win]
     length = np.where(dig.all(axis=1), width, np.argmin(dig, axis=1))
-    exp = length[:, None] - 1 - np.arange(width)[None, :]
-    d = np.where(exp >= 0, win, 48).astype(np.int64) - 48
-    return (d * _POW10[np.clip(exp, 0, 18)]).sum(axis=1), length
+    inside = np.arange(width)[None, :] < length[:, None]
+    d = np.where(inside, win, 48).astype(np.int64) - 48
+    return (d @ _POW10[width - 1::-1]) // _POW10[width - length], length
 
 
 def _uint_ending_at(buf: np.ndarray, end: np.ndarray, width: int) -> tuple[np.ndarray,
@@ -246,8 +249,11 @@ def parse(raw: np.ndarray, line_start: np.ndarray, line_end: np.ndarray,
         pid, r1 = _uint_ending_at(buf, lb - 1, 11)  # the kernel's pid is perf's tid
         ok &= (r1 >= 1) & (r1 < 11)
         tid_start = lb - 1 - r1
-        slash = buf[tid_start - 1] == SLASH
-        _, r2 = _uint_ending_at(buf, tid_start - 1, 11)
+        slash = buf[tid_start - 1] == SLASH  # "pid/tid": rare, so only those rows
+        r2 = np.zeros(n, np.int64)
+        si = np.flatnonzero(slash)
+        if len(si):
+            r2[si] = _uint_ending_at(buf, tid_start[si] - 1, 11)[1]
         tok_start = np.where(slash, tid_start - 1 - r2, tid_start)
         ok &= ~slash | ((r2 >= 1) & (r2 < 11))
         ok &= (buf[tok_start - 1] == SP) & (tok_start - 1 > ls)
