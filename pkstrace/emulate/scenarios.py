@@ -300,7 +300,8 @@ def build_trace(work: Path, output: Path, force: bool = False,
     status = bootrec["status"]
     if bootrec["tcg_int3"] and "counters" in results and status == "panic":
         # the run and its counters were complete; the crash hit the probes' removal
-        status = "ok"
+        own = [w for w in bootrec["warnings"] if not qemu.TCG_INT3_RE.search(w)]
+        status = "bug" if own else "ok"
         notes.append("guest crashed after the run while the tracer removed its probes "
                      "(TCG stale int3); events and counters are complete")
     elif status in ("ok", "bug") and "done" not in results:

@@ -70,7 +70,9 @@ def compare(findings: Any, ground_truth: dict[str, Any]) -> list[Check]:
     bc = eps[_design(eps) & (eps["mode"].astype(str) == "broadcast")] if len(eps) else eps
     checks.append(Check("broadcasts", int(gt["broadcasts"]), int(len(bc))))
 
-    if gt.get("preempt_drift_min") is not None:
+    # v3-raw drives the count negative, and ftrace's 4-bit depth field saturates at
+    # 0xf there: the drift is in the module's counters and the console, not the trace.
+    if gt.get("preempt_drift_min") is not None and gt.get("scenario") != "v3-raw":
         drift = findings.drift
         upd = drift[drift["comm"].astype(str) == UPDATER_COMM] if len(drift) else drift
         checks.append(Check("updates with preempt drift", int(gt["updates"]), int(len(upd))))

@@ -252,6 +252,12 @@ static void count_call(int cpu, int self)
  * quicker): a writer on that CPU now reliably finds the new value in its cache
  * while its MSR still holds the old one.
  */
+/* preempt_count() as a signed number: x86 keeps PREEMPT_NEED_RESCHED in bit 31 */
+static long preempt_count_signed(void)
+{
+	return ((s32)((u32)preempt_count() << 1)) >> 1;
+}
+
 static void v3_walk(u32 new, bool headroom)
 {
 	int cpu, self = raw_smp_processor_id(), n = num_online_cpus();
@@ -259,7 +265,7 @@ static void v3_walk(u32 new, bool headroom)
 
 	if (headroom)
 		preempt_count_add(n);	/* eaten by the walk's imbalance, see top */
-	before = preempt_count();
+	before = preempt_count_signed();
 	for_each_online_cpu(cpu) {
 		u32 *p = per_cpu_ptr(&pkrs_cache, cpu);
 
@@ -270,7 +276,7 @@ static void v3_walk(u32 new, bool headroom)
 		count_call(cpu, self);
 		wrmsrl_on_cpu(cpu, MSR_IA32_PKRS_NR, new);
 	}
-	after = preempt_count();
+	after = preempt_count_signed();
 	walked_cpus += n;
 	drift_min = min(drift_min, after - before);
 	drift_max = max(drift_max, after - before);
