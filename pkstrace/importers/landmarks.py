@@ -76,6 +76,7 @@ def _window(buf: np.ndarray, start: np.ndarray, width: int) -> np.ndarray:
 
 
 _POW10 = 10 ** np.arange(19, dtype=np.int64)
+_MAX_TS_SECONDS = (2**63 - 1) // 1_000_000_000 - 1
 
 
 def _first_at_or_after(positions: np.ndarray, at: np.ndarray) -> np.ndarray:
@@ -209,7 +210,8 @@ def parse(raw: np.ndarray, line_start: np.ndarray, line_end: np.ndarray,
     has_dot = (frac_len >= 1) & (buf[ts_colon - frac_len - 1] == DOT)
     sec_end = np.where(has_dot, ts_colon - frac_len - 1, ts_colon)
     sec, sec_len = _uint_ending_at(buf, sec_end, 13)
-    ok &= (sec_len >= 1) & (sec_len < 13) & (frac_len < 10)
+    # seconds * 1e9 must fit int64 (a counter clock's raw ticks do not): RE2 path
+    ok &= (sec_len >= 1) & (sec_len < 13) & (frac_len < 10) & (sec <= _MAX_TS_SECONDS)
     ts_start = sec_end - sec_len
     ok &= (ts_start > flags_end) & (flags_end + _skip_spaces(buf, flags_end, 24) == ts_start)
     frac = np.where(has_dot, frac * _POW10[np.clip(9 - frac_len, 0, 9)], 0)
