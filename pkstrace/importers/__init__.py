@@ -44,6 +44,9 @@ FORMATS: dict[str, Callable[..., tuple[pd.DataFrame, ImportStats]]] = {
 CHUNK_BYTES = 8 << 20
 MAX_THREADS = 4
 _DETECT_BYTES = 4 << 20
+# Online CPUs are inferred from the highest CPU seen only up to this many
+# (Linux's NR_CPUS tops out at 8192; parse_cpulist accepts up to 65536).
+MAX_INFERRED_CPUS = 1 << 16
 
 _MAGIC_HINTS = (
     (b"PERFILE", "a perf.data file: convert it with `perf script -i FILE > FILE.txt`"),
@@ -216,7 +219,12 @@ def _apply_cpus(meta: schema.TraceMeta, events: pd.DataFrame, stats: ImportStats
             if (tc >= 0).any():
                 seen.append(int(tc.max()))
             n = max(seen) + 1
-        if n:
+        if n and int(n) > MAX_INFERRED_CPUS:
+            # An absurd CPU number (or a damaged header) must not become a list of
+            # billions of online CPUs: leave them unknown and say so.
+            meta.notes.append(f"CPU numbers up to {int(n) - 1}: online CPUs not inferred "
+                              f"(more than {MAX_INFERRED_CPUS}; give --cpus N)")
+        elif n:
             meta.host["online_cpus"] = list(range(int(n)))
     if isolated is not None:
         meta.host["isolated_cpus"] = sorted({int(c) for c in isolated})

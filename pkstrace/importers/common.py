@@ -228,6 +228,31 @@ def int_to_u64(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return vals, ok
 
 
+# Largest header numbers a line may carry: a pid (PID_MAX_LIMIT is 4194304) and a
+# CPU number stay far inside int32, and seconds * 1e9 (or microseconds * 1e3) inside
+# int64. Bigger ones would wrap silently or make the cast raise, so such lines are
+# counted as not understood instead.
+MAX_PID_DIGITS = 9
+MAX_CPU_DIGITS = 6
+MAX_TS_SECONDS = (2**63 - 1) // 1_000_000_000 - 1
+MAX_TS_MICROSECONDS = (2**63 - 1) // 1_000 - 1
+
+
+def header_numbers_fit(pid: pa.Array, cpu: pa.Array, sec: pa.Array,
+                       is_us: np.ndarray | None = None) -> np.ndarray:
+    """Rows whose pid, CPU and timestamp fit their columns (digit strings; '-' allowed)."""
+    def digits(a: pa.Array) -> np.ndarray:
+        return np.asarray(pc.fill_null(pc.binary_length(pc.utf8_ltrim(a, "-")), 0))
+
+    ok = (digits(pid) <= MAX_PID_DIGITS) & (digits(cpu) <= MAX_CPU_DIGITS) \
+        & (digits(sec) <= 18)
+    secs = np.asarray(pc.cast(pc.if_else(pa.array(ok), pc.fill_null(sec, "0"), "0"),
+                              pa.int64()))
+    limit = MAX_TS_SECONDS if is_us is None else np.where(is_us, MAX_TS_MICROSECONDS,
+                                                           MAX_TS_SECONDS)
+    return ok & (secs <= limit)
+
+
 def timestamps_ns(sec: pa.Array, frac: pa.Array) -> np.ndarray:
     """Seconds and fraction digits (any count; ``"200"``, ``"923667"``) -> int64 ns."""
     s = np.asarray(pc.cast(pc.fill_null(sec, "0"), pa.int64()))
@@ -621,7 +646,8 @@ def _store(fields: dict[str, pa.Array], rows: np.ndarray, kind: schema.Kind,
             good &= vok
         elif col in _DEC_COLUMNS:
             parsed[col], vok = dec_to_i64(a)
-            good &= vok
+            # these columns are int32: a bigger number would wrap into a wrong CPU/pid
+            good &= vok & (np.abs(parsed[col]) <= np.iinfo(np.int32).max)
         elif col == "_gp":
             parsed["failed"] = np.asarray(
                 pc.greater(pc.binary_length(pc.fill_null(a, "")), 0)).astype(np.int8)

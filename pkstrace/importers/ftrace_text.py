@@ -35,6 +35,7 @@ from pkstrace.importers.common import (
     HeaderFields,
     ImportStats,
     decode_flags,
+    header_numbers_fit,
     parse_chunk,
     timestamps_ns,
 )
@@ -159,8 +160,16 @@ def _regex_fields(lines: pa.Array) -> tuple[np.ndarray, HeaderFields | None]:
     f = {m.type.field(i).name: m.field(i) for i in range(m.type.num_fields)}
     lat = pa.array(np.asarray(pc.greater(pc.binary_length(f["latcpu"]), 0)))
     cpu_s = pc.if_else(lat, f["latcpu"], f["cpu"])
-    ts = timestamps_ns(f["sec"], f["frac"])
     is_us = np.asarray(pc.greater(pc.binary_length(f["us"]), 0))
+    fits = header_numbers_fit(f["pid"], cpu_s, f["sec"], is_us)
+    if not fits.all():  # absurd pid / CPU / timestamp: not understood, left to classify
+        matched[np.flatnonzero(matched)[~fits]] = False
+        if not fits.any():
+            return matched, None
+        keep = pa.array(fits)
+        f = {k: v.filter(keep) for k, v in f.items()}
+        lat, cpu_s, is_us = lat.filter(keep), cpu_s.filter(keep), is_us[fits]
+    ts = timestamps_ns(f["sec"], f["frac"])
     if is_us.any():  # latency format ("12345678us"): microseconds
         ts = np.where(is_us, np.asarray(pc.cast(f["sec"], pa.int64())) * 1000, ts)
     return matched, HeaderFields(

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from pkstrace.importers.common import (
     HeaderFields,
     ImportStats,
+    header_numbers_fit,
     parse_chunk,
     timestamps_ns,
 )
@@ -46,6 +47,15 @@ def _regex_fields(lines: pa.Array) -> tuple[np.ndarray, HeaderFields | None]:
     f = {m.type.field(i).name: m.field(i) for i in range(m.type.num_fields)}
     has_tid = pa.array(np.asarray(pc.greater(pc.binary_length(f["tid"]), 0)))
     pid = pc.if_else(has_tid, f["tid"], f["pid"])  # the kernel's pid is perf's tid
+    fits = header_numbers_fit(pid, f["cpu"], f["sec"])
+    if not fits.all():  # absurd pid / CPU / timestamp: not understood, left to classify
+        matched[np.flatnonzero(matched)[~fits]] = False
+        if not fits.any():
+            return matched, None
+        keep = pa.array(fits)
+        f = {k: v.filter(keep) for k, v in f.items()}
+        pid = pid.filter(keep)
+        m = m.filter(keep)
     no_flags = np.full(len(m), -1, np.int8)
     return matched, HeaderFields(
         comm=f["comm"],
