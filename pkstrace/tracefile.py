@@ -212,7 +212,9 @@ def _meta_of(pf: pq.ParquetFile, path: Path) -> schema.TraceMeta:
         raise TraceFileError(f"{path}: Parquet file without pkstrace metadata (not a trace)")
     try:
         meta = schema.TraceMeta.from_json(json.loads(raw))
-    except (ValueError, TypeError, AttributeError) as e:
+        _check_host_cpus(meta.host)
+    # OverflowError: 1e400 in a number field; RecursionError: JSON nested thousands deep
+    except (ValueError, TypeError, AttributeError, OverflowError, RecursionError) as e:
         raise TraceFileError(f"{path}: corrupt trace metadata ({_one_line(e)})") from None
     if meta.format_version > schema.FORMAT_VERSION:
         raise TraceFileError(
@@ -221,6 +223,15 @@ def _meta_of(pf: pq.ParquetFile, path: Path) -> schema.TraceMeta:
     if meta.format_version < 1:
         raise TraceFileError(f"{path}: unknown trace format version {meta.format_version}")
     return meta
+
+
+def _check_host_cpus(host: dict[str, Any]) -> None:
+    """The host's CPU lists feed every analysis: refuse anything but lists of integers."""
+    for key in ("online_cpus", "isolated_cpus", "nohz_full_cpus"):
+        v = host.get(key)
+        if v is not None and not (isinstance(v, list) and all(
+                isinstance(c, int) and not isinstance(c, bool) for c in v)):
+            raise ValueError(f"host.{key} is not a list of CPU numbers")
 
 
 def read_trace(path: str | os.PathLike[str], columns: list[str] | None = None,
