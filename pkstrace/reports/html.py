@@ -514,16 +514,20 @@ def _host_facts(f: Findings) -> list[tuple[str, str]]:
         ("events", fmt_int(_events_total(f))),
         ("source", t.get("source", "")),
     ]
-    lost = t.get("lost_events") or {}
+    lost = {k: int(v) for k, v in (t.get("lost_events") or {}).items() if _num(v)}
     if lost:
-        total = sum(int(v) for v in lost.values())
+        total = sum(lost.values())
         facts.append(("lost events", f"{total:,} (by CPU: "
-                      + ", ".join(f"{k}: {v}" for k, v in lost.items()) + ")"))
+                      + ", ".join(f"{k}: {v:,}" for k, v in lost.items()) + ")"))
     if t.get("partial"):
         facts.append(("partial", "yes: the recording ended early"))
     scen = t.get("scenario") or {}
     if scen:
-        facts.append(("scenario", ", ".join(f"{k}={v}" for k, v in scen.items())))
+        # Short facts only (name, design, cpus...); command lines and paths are in the
+        # JSON report, not worth a screen here.
+        short = [f"{k}={v}" for k, v in scen.items()
+                 if isinstance(v, (str, int, float, bool)) and len(str(v)) <= 80]
+        facts.append(("scenario", ", ".join(short)))
     return [(k, str(v)) for k, v in facts if v not in ("", None)]
 
 
@@ -642,7 +646,11 @@ def activity_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
         bin_ns = float(f.activity_bin_ns or 0)
         t_end = float(t.max()) + (bin_ns or 1.0)
         t_min = min(0.0, float(t.min()))
-        cpus = np.unique(np.concatenate([cpu, np.asarray(f.isolated_cpus, dtype=int)]))
+        online = [int(c) for c in (f.trace.get("host") or {}).get("online_cpus") or []]
+        if len(online) > 4096:  # a row per CPU: keep the heatmap to the CPUs seen
+            online = []
+        cpus = np.unique(np.concatenate([cpu, np.asarray(f.isolated_cpus, dtype=int),
+                                         np.asarray(online, dtype=int)]))
         n_bins_src = int(np.ceil((t_end - t_min) / bin_ns)) if bin_ns > 0 else 400
         n_bins = max(1, min(n_bins_src, 600, MAX_HEATMAP_CELLS // max(1, len(cpus))))
         width = (t_end - t_min) / n_bins
@@ -989,12 +997,12 @@ def episodes_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
                 Column("start", "start_ns", numeric=True,
                        fmt=lambda v, o=origin: fmt_ns(_num(v) - o if _num(v) is not None
                                                       else None)),
-                Column("CPU", "source_cpu", numeric=True), Column("task", "comm"),
-                Column("function", "func"), Column("callsite", "callsite"),
+                Column("stall", "stall_ns", fmt_ns, True),
+                Column("sum of call latencies", "latency_sum_ns", fmt_ns, True),
                 Column("mode", "mode"), Column("targets", "targets", numeric=True),
                 Column("target CPUs", "target_cpus"),
-                Column("stall", "stall_ns", fmt_ns, True),
-                Column("sum of call latencies", "latency_sum_ns", fmt_ns, True)],
+                Column("CPU", "source_cpu", numeric=True), Column("task", "comm"),
+                Column("function", "func"), Column("callsite", "callsite")],
                 caption="episodes (longest stall first)", sort_by="stall_ns"))
         pr = f.projection
         if len(pr):
@@ -1042,6 +1050,12 @@ def episodes_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
                                   "tickvals": [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]},
                         "yaxis": yaxis},
             height=440, label="projection of stall to 64, 256 and 1024 CPUs")
+        zero = sorted({d["name"].rsplit(" ", 1)[0] for d in proj_data
+                       if d["name"].endswith("p99")
+                       and not (np.asarray(d["y"], dtype=float) > 0).any()})
+        if zero:
+            proj += (f'<p class="note">Stall 0 (nothing to wait for, so not drawn on the log '
+                     f'axis): {", ".join(zero)}.</p>')
         proj = ("<h3>Projection to larger machines</h3>" + proj
                 + _runs_grid(proj_tables if len(proj_tables) == len(runs)
                              else ["".join(proj_tables)]))
