@@ -53,11 +53,17 @@ REVIEW_CALIBRATION: dict[str, Any] = {
 }
 
 
+# A round trip or stall longer than 1000 s is no measurement; sums of such values
+# (1e308) overflow to inf and the projection's percentiles to NaN.
+MAX_SAMPLE_NS = 1e12
+
+
 def _num_list(v: Any, what: str, path: str) -> list[float]:
     if not isinstance(v, list) or not all(
             isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-            and x >= 0 for x in v):
-        raise InputError(f"{path}: calibration {what} must be a list of non-negative numbers")
+            and 0 <= x <= MAX_SAMPLE_NS for x in v):
+        raise InputError(f"{path}: calibration {what} must be a list of non-negative "
+                         f"numbers (at most {MAX_SAMPLE_NS:.0e} ns)")
     return [float(x) for x in v]
 
 
@@ -78,6 +84,8 @@ def load_calibration(path: str) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: calibration is not JSON ({e.msg} at line {e.lineno})") \
             from None
+    except RecursionError:  # arrays nested thousands deep
+        raise InputError(f"{path}: calibration is not JSON (nested too deeply)") from None
     if not isinstance(d, dict) or d.get("kind") != "pkstrace-calibration":
         raise InputError(f"{path}: not a pkstrace calibration (kind != pkstrace-calibration)")
     if d.get("version") != 1:
@@ -90,6 +98,8 @@ def load_calibration(path: str) -> dict[str, Any]:
     busy = _num_list(remote.get("busy", []), "remote_ns.busy", path)
     if not idle and not busy:
         raise InputError(f"{path}: calibration has no remote_ns samples")
+    if not isinstance(d.get("host") or {}, dict):
+        raise InputError(f"{path}: calibration host must be an object")
     out = {"kind": d["kind"], "version": 1, "host": d.get("host") or {},
            "remote_ns": {"idle": idle, "busy": busy},
            "local_ns": _num_list(d.get("local_ns", []), "local_ns", path),
@@ -100,8 +110,10 @@ def load_calibration(path: str) -> dict[str, Any]:
             raise InputError(f"{path}: calibration {design} must be a list")
         clean = []
         for r in rows:
-            if not isinstance(r, dict) or not isinstance(r.get("cpus"), int):
-                raise InputError(f"{path}: calibration {design} rows need an integer 'cpus'")
+            if not isinstance(r, dict) or not isinstance(r.get("cpus"), int) \
+                    or isinstance(r["cpus"], bool) or not 1 <= r["cpus"] <= 1 << 16:
+                raise InputError(f"{path}: calibration {design} rows need an integer 'cpus' "
+                                 "from 1 to 65536")
             clean.append({"cpus": r["cpus"],
                           "stall_ns": _num_list(r.get("stall_ns", []), f"{design}.stall_ns",
                                                 path)})
