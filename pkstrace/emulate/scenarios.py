@@ -42,6 +42,7 @@ RECORD_KPROBES: tuple[str, ...] = (
 )
 RECORD_MSR = "0x6e1"
 MAX_CPUS = 64
+KEEP_RUNS = 8  # run directories kept under the cache's runs/
 ATTEMPTS = 3  # boots per run when TCG shows its stale-int3 artefact (qemu.TCG_INT3_RE)
 
 
@@ -176,9 +177,12 @@ def _guest_kernel(o: RunOptions, log: Callable[[str], None]) -> GuestKernel:
 def _workdir(name: str) -> Path:
     runs = cache_dir() / "runs"
     runs.mkdir(parents=True, exist_ok=True)
+    # Keep the last few runs for post-mortems (--rebuild); never touch a run that
+    # may still be going on in another process (younger than an hour).
     old = sorted(runs.iterdir(), key=lambda p: p.stat().st_mtime)
-    for p in old[:-8]:  # keep the last few runs for post-mortems
-        shutil.rmtree(p, ignore_errors=True)
+    for p in old[:-KEEP_RUNS]:
+        if time.time() - p.stat().st_mtime > 3600:
+            shutil.rmtree(p, ignore_errors=True)
     d = runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{os.getpid()}"
     d.mkdir()
     return d
