@@ -206,3 +206,24 @@ def test_export_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "b.json").exists()
+
+
+def test_perfetto_emulated_pks(tmp_path: Path) -> None:
+    """Real PKS trace (emulated host, v3): PKRS value counters, violation instants."""
+    src = FIXTURES / "emulated_v3_8cpu.pkstrace"
+    trace = open_trace(src)
+    f = analyse(trace)
+    out = tmp_path / "v3.json"
+    perfetto.write_perfetto(out, trace, f)
+    by_ph = check_chrome_trace(json.loads(out.read_text()))
+    remote = f.calls[~f.calls["local"].astype(bool)]
+    assert check_flows(by_ph) == len(remote) > 0
+    ev = trace.events
+    pkrs_writes = int(((ev["kind"] == "msr_write") & (ev["msr"] == schema.MSR_PKRS)).sum())
+    pkrs = [e for e in by_ph["C"] if e["name"].endswith("PKRS value")]
+    assert len(pkrs) == pkrs_writes > 0
+    assert len(by_ph["i"]) == len(f.violations) > 0
+    isolated = set(f.isolated_cpus)
+    assert {e["tid"] for e in by_ph["i"]} <= isolated
+    names = {e["tid"]: e["args"]["name"] for e in by_ph["M"] if e["name"] == "thread_name"}
+    assert all(names[c].endswith("(isolated)") for c in isolated)
