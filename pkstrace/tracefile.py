@@ -257,6 +257,8 @@ def read_trace(path: str | os.PathLike[str], columns: list[str] | None = None,
         else:
             df = table.to_pandas(ignore_metadata=True)
         del table
+        if low_memory:
+            pa.default_memory_pool().release_unused()  # hand freed buffers back to the OS
     except Exception as e:
         raise TraceFileError(f"{path}: corrupt or truncated trace file ({_one_line(e)})") from None
     if columns is None:

@@ -145,8 +145,7 @@ def cross_cpu(p: Prepared) -> CrossCpu:
         # internal: rows in the events table (not part of the JSON)
         "_queue_row": np.where(is_remote, q_rows, -1),
         "_entry_row": e_rows,
-        "_exit_row": x_rows,
-    })
+    }, copy=False)
 
     # --- queues (matched or not), for episodes / drift / isolation
     qi = np.flatnonzero(is_q)
@@ -168,7 +167,7 @@ def cross_cpu(p: Prepared) -> CrossCpu:
         "entry_row": q_e, "exit_row": q_x,
         "entry_ns": q_entry_ns, "exit_ns": q_exit_ns,
         "done_ns": np.where(q_x >= 0, q_exit_ns, np.where(q_e >= 0, q_entry_ns, q_ts)),
-    })
+    }, copy=False)
     orow = sub[np.flatnonzero(orphan)]
     orphan_entries = pd.DataFrame({
         "row": orow, "ts": ts_all[orow], "cpu": cpu_all[orow].astype(np.int64),
