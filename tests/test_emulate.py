@@ -290,3 +290,34 @@ def test_kernel_option_accepts_a_bzimage_and_finds_its_headers() -> None:
     assert other.headers == k.headers and other.buildable
     with pytest.raises(kernel.EmulateError, match="neither a .deb nor an x86 bzImage"):
         kernel.kernel_from_path(FIXTURES / "ftrace_cpuid_2cpu.txt")
+
+
+@pytest.mark.emulated
+@pytest.mark.slow
+def test_fresh_cache_as_unprivileged_user() -> None:
+    """No root: apt-get download, module build, initramfs and QEMU as 'nobody', from an
+    empty cache (what a fresh machine does on its first `pkstrace emulate`)."""
+    import pwd
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("already unprivileged: test_boot_v3_4cpu_one_isolated_and_analyse "
+                    "covers this")
+    nobody = pwd.getpwnam("nobody")
+    home = Path(tempfile.mkdtemp(prefix="pkstrace-nobody."))
+    try:
+        os.chown(home, nobody.pw_uid, nobody.pw_gid)
+        out = home / "lazy.pkstrace"
+        p = subprocess.run(
+            ["runuser", "-u", "nobody", "--", "env", f"HOME={home}",
+             f"PKSTRACE_CACHE={home / 'cache'}", *PKSTRACE, "emulate", "--cpus", "2",
+             "--isolated", "1", "--scenario", "lazy", "--iterations", "3", "--threads", "1",
+             "-o", str(out), "-q"], capture_output=True, text=True, timeout=1500, cwd=home)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "downloading linux-image-6.12." in p.stderr  # really from scratch
+        assert out.stat().st_uid == nobody.pw_uid
+        trace, f = analysed(out)
+        assert_matches_module(trace, f)
+        assert trace.meta.ground_truth["remote_calls"] == 0
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
