@@ -12,8 +12,10 @@ depth changes by the same +1 or -1 at every step.
 Not drift: depth differing between unrelated contexts (interrupts, locks held),
 a single change, or changes that do not repeat in the same direction.
 
-The ftrace flags column shows only the low 4 bits of the depth (one hex
-digit), so steps are taken modulo 16: 0 -> f is a step of -1.
+The ftrace flags column shows the depth as one hex digit, min(count & 0xff, 15),
+so a count driven below zero saturates at f and its drift is visible only while
+the depth stays in 1..14 (a walk that starts at depth 7, as the v3 module's does,
+shows 7 6 5 ...). Steps are taken modulo 16 for sources that wrap instead.
 """
 
 from __future__ import annotations

@@ -10,10 +10,12 @@ the handler does there, such as an MSR write). They are one violation:
   queue was not seen (lost, or before the window);
 - ``via = "ipi"``: an ipi_send to an isolated CPU (a cpumask send counts for each
   isolated CPU in it) that no csd_queue from the same source CPU to that target
-  explains: a csd_queue within ``IPI_AFTER_QUEUE_NS`` before it (the kernel sends
-  at most one IPI per batch of queued calls, right after queueing) makes it part
-  of that call. Reschedule and other IPIs without a csd remain violations; an
-  isolated CPU's IPI to itself (irq_work) does not count.
+  explains. The kernel sends at most one IPI per batch of calls queued to a CPU,
+  right after queueing, so an IPI is part of a call when a csd_queue from the
+  same source to the same target precedes it with no other IPI between them
+  (source to target), at most ``IPI_AFTER_QUEUE_NS`` earlier (an emulated host
+  can take milliseconds between the two). Reschedule and other IPIs without a csd
+  remain violations; an isolated CPU's IPI to itself (irq_work) does not count.
 
 ``tracer_induced``: the call patches kernel text, which is what enabling a
 tracepoint or kprobe does (``do_sync_core`` IPIs to every CPU, ``text_poke_*``
@@ -30,7 +32,7 @@ from pkstrace.analysis.counts import expand_ipi_targets
 from pkstrace.analysis.findings import VIOLATION_COLUMNS
 from pkstrace.analysis.prep import Prepared, asof_prev
 
-IPI_AFTER_QUEUE_NS = 1_000_000
+IPI_AFTER_QUEUE_NS = 20_000_000
 TRACER_FUNCS = ("do_sync_core", "text_poke_sync_each_cpu", "smp_text_poke_sync_each_cpu",
                 "do_sync_core_ipi")
 TRACER_CALLSITE_MARKERS = ("text_poke", "arch_jump_label", "ftrace_", "do_sync_core")
@@ -81,10 +83,13 @@ def violations(p: Prepared, isolated: list[int], queues: pd.DataFrame,
         ipi_rows, ipi_tgt, ikey = ipi_rows[order], ipi_tgt[order], ikey[order]
         qo = np.argsort(qr, kind="stable")
         found = asof_prev(ikey, ipi_rows, qkey[qo], qr[qo], p.n)
+        # the previous IPI from the same source to the same target
+        prev_ipi = asof_prev(ikey, ipi_rows, ikey, ipi_rows, p.n)
         explained = found >= 0
         if len(qr):
             fq = qr[qo][np.maximum(found, 0)]
             explained &= (ts[ipi_rows] - ts[fq]) <= IPI_AFTER_QUEUE_NS
+            explained &= (prev_ipi < 0) | (fq > ipi_rows[np.maximum(prev_ipi, 0)])
         lone, lone_tgt = ipi_rows[~explained], ipi_tgt[~explained]
         if len(lone):
             parts.append(pd.DataFrame({
