@@ -72,8 +72,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "The v3 walk exactly as reviewed, with no compensation: the caller's preempt "
              "count goes negative. Measured on 6.12 under TCG: 'BUG: scheduling while "
              "atomic' at the updater's next sleep, once per update (the scheduler then "
-             "resets the count); anything in the walk that asks in_interrupt() or "
-             "allocates panics instead. Either is the expected result (bug or panic); "
+             "resets the count); a walk that allocates while the count is negative panics "
+             "instead (recorded in ENVIRONMENT.md). Either is the expected result; "
              "events leave the guest as produced and the console log is kept.",
              "panic|bug"),
     Scenario("broadcast", "one on_each_cpu_mask() per update; each CPU updates its own cache",
