@@ -1153,39 +1153,44 @@ def drift_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
             fc = fall[m]
             worst.append(float(np.nanmin(fc)) if np.isfinite(fc).any() else 0.0)
             n_eps.append(int(m.sum()))
-        labels = [f"CPU {int(c)}" for c in uniq]
+        labels = [f"CPU {int(c)} ({n} walk{'s' if n != 1 else ''})"
+                  for c, n in zip(uniq, n_eps, strict=True)]
         out.append(page.figure(
             [{"type": "bar", "x": labels, "y": worst, "marker": {"color": "#CC79A7"},
-              "text": [f"{n} walk{'s' if n != 1 else ''}" for n in n_eps],
-              "textposition": "outside", "name": "deepest fall",
-              "hovertemplate": "%{x}: preempt depth fell by %{y} in one walk "
-                               "(%{text} with drift)<extra></extra>"}],
+              "name": "deepest fall",
+              "hovertemplate": "%{x}: preempt depth fell by %{y} in one walk"
+                               "<extra></extra>"}],
             {"title": {"text": "preempt-count drift per CPU: deepest fall within one walk"},
              "yaxis": {"title": {"text": "depth change (last − first)"}, "zeroline": True,
                        "rangemode": "tozero"},
              "showlegend": False},
             height=320, label="preempt count drift per CPU"))
-        order = np.argsort(-_numeric(_col(d, "calls")), kind="stable")[:10]
-        lines = []
-        for i, k in enumerate(order):
-            q = seqs[k]
-            if not q:
+        # Walks with the same depth sequence from the same place draw one line, with a count.
+        shapes: dict[tuple[str, tuple[float, ...]], int] = {}
+        for k in np.argsort(-_numeric(_col(d, "calls")), kind="stable"):
+            if not seqs[k]:
                 continue
             row = d.iloc[k]
             name = f"CPU {_display(row.get('cpu'))} · {esc(row.get('comm'))} · " \
                    f"{esc(row.get('callsite'))}"
+            key = (name, tuple(seqs[k]))
+            shapes[key] = shapes.get(key, 0) + 1
+        lines = []
+        for i, ((name, q), n) in enumerate(list(shapes.items())[:10]):
+            label = f"{name} ({n} walk{'s' if n != 1 else ''})"
             lines.append({"type": "scatter", "mode": "lines+markers",
-                          "x": list(range(1, len(q) + 1)), "y": q, "name": name,
+                          "x": list(range(1, len(q) + 1)), "y": list(q), "name": label,
                           "line": {"color": PALETTE[i % len(PALETTE)]},
-                          "hovertemplate": "call %{x}: depth %{y}<extra>" + name + "</extra>"})
+                          "hovertemplate": "call %{x}: depth %{y}<extra>" + label
+                                           + "</extra>"})
         if lines:
             out.append(page.figure(
                 lines, {"title": {"text": "preempt depth at each queued call of a walk "
                                           "(longest walks)"},
                         "xaxis": {"title": {"text": "call in the walk"}, "dtick": 1},
                         "yaxis": {"title": {"text": "preempt depth"}, "dtick": 1},
-                        "legend": {"orientation": "h", "y": -0.25}},
-                height=360, label="preempt depth along each drifting walk"))
+                        "legend": {"orientation": "h", "y": -0.25}, "showlegend": True},
+                height=380, label="preempt depth along each drifting walk"))
         d = d.assign(_dur=_numeric(d["end_ns"]) - _numeric(d["start_ns"]))
         out.append(table(d, [Column("CPU", "cpu", numeric=True), Column("task", "comm"),
                              Column("pid", "pid", numeric=True), Column("callsite", "callsite"),
