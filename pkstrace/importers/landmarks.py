@@ -249,7 +249,7 @@ def parse(raw: np.ndarray, line_start: np.ndarray, line_end: np.ndarray,
         # "comm<spaces>pid[/tid] [": a token of digits (and at most one '/')
         ok &= buf[lb - 1] == SP
         pid, r1 = _uint_ending_at(buf, lb - 1, 11)  # the kernel's pid is perf's tid
-        ok &= (r1 >= 1) & (r1 < 11)
+        ok &= (r1 >= 1) & (r1 < 10)  # 9 digits at most: a pid fits int32 (RE2 path: same)
         tid_start = lb - 1 - r1
         slash = buf[tid_start - 1] == SLASH  # "pid/tid": rare, so only those rows
         r2 = np.zeros(n, np.int64)
