@@ -92,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--gap-ms", type=float, default=0.0, help="sleep between calls")
     ap.add_argument("--delay", type=float, default=0.0, help="wait SECONDS before starting")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--times", action="store_true",
+                    help="with --json: also every call's round trip (round_trips_ns)")
     args = ap.parse_args(argv)
     if args.delay:
         time.sleep(args.delay)
@@ -103,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     s = summary(times)
     if args.json:
-        print(json.dumps(s))
+        print(json.dumps({**s, "round_trips_ns": times} if args.times else s))
     else:
         print(f"{s['calls']} calls to CPU {args.target_cpu}: "
               f"median {s.get('median_us', 0):.1f} us, p99 {s.get('p99_us', 0):.1f} us, "

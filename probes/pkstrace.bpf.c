@@ -76,6 +76,19 @@ BPF_HASH(latency, struct hist_key_t, u64, 16384);
 BPF_PERCPU_ARRAY(unmatched, u64, 1);   // entries whose csd had no queue seen
 #endif
 
+// One switch for every probe: attaching and detaching programs one by one takes
+// milliseconds each (text patching), so the Python side turns recording on only
+// once all are attached and off before detaching any. Without it a queue could
+// be recorded while its entry's program is not attached yet / any more.
+BPF_ARRAY(control, u32, 1);
+
+static __always_inline int recording_on(void)
+{
+    int zero = 0;
+    u32 *on = control.lookup(&zero);
+    return on && *on;
+}
+
 static __always_inline void count_event(u32 kind, u32 msr)
 {
 #ifdef WANT_COUNTS
@@ -116,7 +129,7 @@ static __always_inline struct event_t *new_event(u32 kind)
 
 static __always_inline int msr_event(u32 kind, u32 msr, u64 val, int failed)
 {
-    if (!CPU_KEEP(bpf_get_smp_processor_id()) || !MSR_KEEP(msr))
+    if (!recording_on() || !CPU_KEEP(bpf_get_smp_processor_id()) || !MSR_KEEP(msr))
         return 0;
     count_event(kind, msr);
 #ifdef WANT_EVENTS
@@ -146,7 +159,7 @@ TRACEPOINT_PROBE(msr, read_msr)
 TRACEPOINT_PROBE(csd, csd_queue_cpu)
 {
     u32 cpu = bpf_get_smp_processor_id();
-    if (!CPU_KEEP(cpu))
+    if (!recording_on() || !CPU_KEEP(cpu))
         return 0;
     count_event(KIND_CSD_QUEUE, 0xffffffff);
 #ifdef WANT_COUNTS
@@ -178,7 +191,7 @@ TRACEPOINT_PROBE(csd, csd_queue_cpu)
 TRACEPOINT_PROBE(csd, csd_function_entry)
 {
     u32 cpu = bpf_get_smp_processor_id();
-    if (!CPU_KEEP(cpu))
+    if (!recording_on() || !CPU_KEEP(cpu))
         return 0;
     count_event(KIND_CSD_ENTRY, 0xffffffff);
 #ifdef WANT_COUNTS
@@ -212,7 +225,7 @@ TRACEPOINT_PROBE(csd, csd_function_entry)
 
 TRACEPOINT_PROBE(csd, csd_function_exit)
 {
-    if (!CPU_KEEP(bpf_get_smp_processor_id()))
+    if (!recording_on() || !CPU_KEEP(bpf_get_smp_processor_id()))
         return 0;
     count_event(KIND_CSD_EXIT, 0xffffffff);
 #ifdef WANT_EVENTS
@@ -229,7 +242,7 @@ TRACEPOINT_PROBE(csd, csd_function_exit)
 #ifdef WITH_IPI
 TRACEPOINT_PROBE(ipi, ipi_send_cpu)
 {
-    if (!CPU_KEEP(bpf_get_smp_processor_id()))
+    if (!recording_on() || !CPU_KEEP(bpf_get_smp_processor_id()))
         return 0;
     count_event(KIND_IPI_SEND, 0xffffffff);
 #ifdef WANT_EVENTS
@@ -246,7 +259,7 @@ TRACEPOINT_PROBE(ipi, ipi_send_cpu)
 
 TRACEPOINT_PROBE(ipi, ipi_send_cpumask)
 {
-    if (!CPU_KEEP(bpf_get_smp_processor_id()))
+    if (!recording_on() || !CPU_KEEP(bpf_get_smp_processor_id()))
         return 0;
     count_event(KIND_IPI_SEND, 0xffffffff);
 #ifdef WANT_EVENTS
@@ -265,7 +278,7 @@ TRACEPOINT_PROBE(ipi, ipi_send_cpumask)
 
 static __always_inline int callfunc_event(u32 kind, int vector)
 {
-    if (!CPU_KEEP(bpf_get_smp_processor_id()))
+    if (!recording_on() || !CPU_KEEP(bpf_get_smp_processor_id()))
         return 0;
     count_event(kind, 0xffffffff);
 #ifdef WANT_EVENTS
@@ -303,7 +316,7 @@ TRACEPOINT_PROBE(irq_vectors, call_function_single_exit)
 #ifdef WITH_SCHED
 TRACEPOINT_PROBE(sched, sched_switch)
 {
-    if (!CPU_KEEP(bpf_get_smp_processor_id()))
+    if (!recording_on() || !CPU_KEEP(bpf_get_smp_processor_id()))
         return 0;
     count_event(KIND_SCHED_SWITCH, 0xffffffff);
 #ifdef WANT_EVENTS
@@ -325,7 +338,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
 // write_pkrs(u32 new)
 int kprobe_write_pkrs(struct pt_regs *ctx)
 {
-    if (!CPU_KEEP(bpf_get_smp_processor_id()))
+    if (!recording_on() || !CPU_KEEP(bpf_get_smp_processor_id()))
         return 0;
     count_event(KIND_WRITE_PKRS, 0xffffffff);
 #ifdef WANT_EVENTS
@@ -341,7 +354,7 @@ int kprobe_write_pkrs(struct pt_regs *ctx)
 // update_global_pkrs(int pkey, unsigned long prot) and friends
 int kprobe_global_update(struct pt_regs *ctx)
 {
-    if (!CPU_KEEP(bpf_get_smp_processor_id()))
+    if (!recording_on() || !CPU_KEEP(bpf_get_smp_processor_id()))
         return 0;
     count_event(KIND_GLOBAL_UPDATE, 0xffffffff);
 #ifdef WANT_EVENTS

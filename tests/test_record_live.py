@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from workload import CALLED_FUNC, workload_command, workload_pid
+from workload import CALLED_FUNC, workload_command, workload_pid, workload_result
 
 from pkstrace import tracefile
 from pkstrace.backends import checks
@@ -47,6 +47,10 @@ def record_cli(backend: str, out: Path, *extra: str, calls: int = N,
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stderr
     return p, workload_pid(p.stdout)
+
+
+def round_trips(p: subprocess.CompletedProcess[str]) -> np.ndarray:
+    return np.asarray(workload_result(p.stdout)["round_trips_ns"], dtype=float)
 
 
 def workload_queue(events, wpid: int):  # noqa: ANN001, ANN201 - DataFrame in, DataFrame out
@@ -105,7 +109,7 @@ def perf_fds_of(pid: int) -> int:
 def test_record_sees_every_cross_cpu_call(backend: str, tmp_path: Path) -> None:
     need_backend(backend)
     out = tmp_path / f"{backend}.pkstrace"
-    _, wpid = record_cli(backend, out)
+    proc, wpid = record_cli(backend, out)
     trace = tracefile.read_trace(out)
     meta = trace.meta
     assert meta.backend == backend and meta.source == "live" and not meta.partial
@@ -132,9 +136,16 @@ def test_record_sees_every_cross_cpu_call(backend: str, tmp_path: Path) -> None:
                  & (calls["target_cpu"] == 1) & ~calls["local"]]
     assert len(ours) + reported >= N, (len(ours), len(queued), meta.lost_events, meta.extra)
     assert len(ours) >= N or reported, "calls unmatched with nothing lost"
-    lat = ours["latency_ns"].to_numpy(dtype=float)
-    assert np.isfinite(lat).all()
-    assert (lat > 0).all() and (lat < 10e6).all(), (lat.min(), lat.max())
+    lat = ours.sort_values("queue_ns")["latency_ns"].to_numpy(dtype=float)
+    assert np.isfinite(lat).all() and (lat > 0).all()
+    # Delivery is part of each call's round trip, which the workload timed itself:
+    # the i-th call's latency must be below the i-th round trip (a mismatched
+    # queue/entry pair would break this). The median must be well below 10 ms;
+    # single calls take longer when this 2-vCPU VM's vCPU is descheduled.
+    if len(lat) == N:
+        rt = round_trips(proc)
+        assert (lat < rt).all(), np.flatnonzero(lat >= rt)[:5]
+    assert np.median(lat) < 10e6, np.median(lat)
 
 
 def test_backends_agree_on_the_workload(tmp_path: Path) -> None:

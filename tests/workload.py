@@ -20,15 +20,21 @@ __all__ = ["CALLED_FUNC", "available", "cross_cpu_calls", "summary", "workload_c
 def workload_command(calls: int, target_cpu: int = 1, source_cpu: int = 0,
                      delay: float = 0.0) -> list[str]:
     cmd = [sys.executable, "-m", "pkstrace.workload", "--calls", str(calls),
-           "--target-cpu", str(target_cpu), "--source-cpu", str(source_cpu), "--json"]
+           "--target-cpu", str(target_cpu), "--source-cpu", str(source_cpu), "--json",
+           "--times"]
     if delay:
         cmd += ["--delay", str(delay)]
     return cmd
 
 
-def workload_pid(stdout: str) -> int:
+def workload_result(stdout: str) -> dict:
+    """The workload's JSON summary line: pid, calls, round_trips_ns (in call order)."""
     for line in reversed(stdout.strip().splitlines()):
         line = line.strip()
         if line.startswith("{") and '"pid"' in line:
-            return int(json.loads(line)["pid"])
+            return json.loads(line)
     raise AssertionError(f"no workload summary in output: {stdout[-300:]!r}")
+
+
+def workload_pid(stdout: str) -> int:
+    return int(workload_result(stdout)["pid"])

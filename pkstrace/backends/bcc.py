@@ -2,8 +2,8 @@
 
 * ``events`` mode: every event through a BPF ring buffer (kernel >= 5.8); a
   failed reserve is counted per CPU and becomes TraceMeta.lost_events. The ring
-  callback only copies bytes; the batch is decoded with one numpy structured
-  dtype (columns, not objects).
+  is read straight from its memory (:class:`RingReader`, no callback per event)
+  and decoded with one numpy structured dtype (columns, not objects).
 * ``counts`` mode: nothing per event leaves the kernel. Per-CPU counts by (kind,
   MSR), cross-CPU calls by (target CPU, func) and log2 histograms of the
   queue -> entry latency (matched by csd pointer in a BPF hash) are read at the
@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import platform
+import select
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -107,6 +110,79 @@ def _quiet_stderr() -> Any:
         os.close(saved)
 
 
+class RingReader:
+    """Reads a BPF ring buffer's memory directly, many records per call.
+
+    bcc (like libbpf) hands records to a Python callback one by one, which caps
+    a Python consumer far below what the kernel produces in a flood. Every record
+    here has one size (struct event_t), so the committed records between the
+    consumer and producer positions form a regular array: one numpy view finds
+    the first still-busy record, one copy takes the payloads, one store releases
+    the space. Layout (kernel/bpf/ringbuf.c): page 0 consumer position (rw),
+    page 1 producer position, then the data pages mapped twice in a row so a
+    wrapped range reads contiguously; each record has an 8-byte header whose
+    length word carries the BUSY (not yet committed) and DISCARD bits.
+    """
+
+    BUSY = 1 << 31
+    DISCARD = 1 << 30
+
+    def __init__(self, map_fd: int, data_bytes: int, record_bytes: int) -> None:
+        page = mmap.PAGESIZE
+        self.fd = map_fd
+        self.mask = data_bytes - 1
+        self.payload = record_bytes
+        self.stride = (record_bytes + 8 + 7) & ~7
+        self.consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED,
+                                  mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        self.producer = mmap.mmap(map_fd, page + 2 * data_bytes, mmap.MAP_SHARED,
+                                  mmap.PROT_READ, offset=page)
+        self.data_off = page
+
+    def wait(self, timeout: float) -> None:
+        if self.pending():
+            return
+        try:
+            select.select([self.fd], [], [], timeout)
+        except (InterruptedError, OSError):
+            pass
+
+    def pending(self) -> int:
+        prod = struct.unpack_from("<Q", self.producer, 0)[0]
+        cons = struct.unpack_from("<Q", self.consumer, 0)[0]
+        return prod - cons
+
+    def read(self) -> bytes:
+        """Payloads of every committed record, concatenated; frees their space."""
+        prod = struct.unpack_from("<Q", self.producer, 0)[0]
+        cons = struct.unpack_from("<Q", self.consumer, 0)[0]
+        n = (prod - cons) // self.stride
+        if n <= 0:
+            return b""
+        start = self.data_off + (cons & self.mask)
+        recs = np.frombuffer(self.producer, dtype=np.uint8, count=n * self.stride,
+                             offset=start).reshape(n, self.stride)
+        lens = recs[:, :4].copy().view("<u4").ravel()
+        busy = np.flatnonzero(lens & self.BUSY)
+        if len(busy):
+            n = int(busy[0])  # stop at the first record a CPU is still writing
+        lens = lens[:n]
+        if n and ((lens & ~np.uint32(self.BUSY | self.DISCARD)) != self.payload).any():
+            del recs
+            raise ValueError("BPF ring buffer record of unexpected size "
+                             "(probes/pkstrace.bpf.c and EVENT_DTYPE disagree)")
+        keep = (lens & self.DISCARD) == 0
+        out = recs[:n, 8:8 + self.payload][keep].tobytes()
+        del recs
+        struct.pack_into("<Q", self.consumer, 0, cons + n * self.stride)
+        return out
+
+    def close(self) -> None:
+        for m in (self.consumer, self.producer):
+            with contextlib.suppress(BufferError, ValueError):
+                m.close()
+
+
 class BccBackend(Backend):
     name = "bcc"
 
@@ -121,6 +197,7 @@ class BccBackend(Backend):
         self.probes = list(probes)
         self.cpus = list(cpus) if cpus else []
         self.bpf: Any = None
+        self._ring: RingReader | None = None
         # One ring for all CPUs, as big as tracefs's per-CPU buffers together
         # (a power of two pages, as BPF requires).
         ncpu = os.cpu_count() or 1
@@ -208,8 +285,13 @@ class BccBackend(Backend):
                 results.append(ProbeResult(p.name, p.required, False,
                                            f"kprobe refused: {_one_line(e)}"))
         if self.want_events:
-            self.bpf[b"events"].open_ring_buffer(self._on_event)
+            self._ring = RingReader(self.bpf[b"events"].map_fd,
+                                    self.ringbuf_pages * mmap.PAGESIZE, EVENT_DTYPE.itemsize)
+        self._switch(True)  # every probe starts at the same instant
         return results
+
+    def _switch(self, on: bool) -> None:
+        self.bpf[b"control"][ctypes.c_int(0)] = ctypes.c_uint32(1 if on else 0)
 
     def prog_ids(self) -> dict[str, int]:
         """Kernel ids of the loaded programs (from /proc/self/fdinfo), by function name."""
@@ -256,8 +338,9 @@ class BccBackend(Backend):
     def read(self, timeout: float = 0.2) -> pd.DataFrame:
         if self.bpf is None:
             return schema.empty_events()
-        if self.want_events:
-            self.bpf.ring_buffer_poll(int(timeout * 1000))
+        if self._ring is not None:
+            self._ring.wait(timeout)
+            self._chunks.append(self._ring.read())
         else:
             import time
 
@@ -270,6 +353,10 @@ class BccBackend(Backend):
         if self.bpf is None or self._stopped:
             return
         self._stopped = True
+        try:
+            self._switch(False)  # every probe stops at the same instant
+        except Exception as e:  # noqa: BLE001 - detaching below stops them anyway
+            self._notes.append(f"bcc: could not switch recording off: {_one_line(e)}")
         misses = self.recursion_misses()
         self.misses = {k: v for k, v in misses.items() if v}
         if self.misses:
@@ -290,14 +377,14 @@ class BccBackend(Backend):
         self._kprobes = []
 
     def drain(self) -> pd.DataFrame:
-        if self.bpf is not None and self.want_events:
-            self.bpf.ring_buffer_consume()
+        if self._ring is not None:
+            self._chunks.append(self._ring.read())
         return self._decode()
 
     def _decode(self) -> pd.DataFrame:
-        if not self._chunks:
-            return schema.empty_events()
         raw, self._chunks = b"".join(self._chunks), []
+        if not raw:
+            return schema.empty_events()
         ev = np.frombuffer(raw, dtype=EVENT_DTYPE)
         syms = self._syms
         assert syms is not None
@@ -426,6 +513,9 @@ class BccBackend(Backend):
             except Exception as e:  # noqa: BLE001 - keep detaching
                 self._notes.append(f"aggregates lost: {_one_line(e)}")
         problems = []
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         if self.bpf is not None:
             try:
                 self.bpf.cleanup()

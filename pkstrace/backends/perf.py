@@ -34,6 +34,7 @@ from pkstrace.backends.base import Backend, ProbeResult, ProbeSpec
 from pkstrace.backends.symbols import kernel_symbols
 
 PERF_EVENT_IOC_SET_FILTER = 0x40082406  # _IOW('$', 6, char *)
+PERF_EVENT_IOC_ENABLE = 0x2400  # _IO('$', 0)
 PERF_EVENT_IOC_DISABLE = 0x2401  # _IO('$', 1)
 RING_PAGES = 512  # per CPU per tracepoint: 2 MiB
 # Kernel task state bits -> ftrace's letters (sched_switch prev_state).
@@ -177,7 +178,8 @@ class PerfBackend(Backend):
                 # freq=0: the binding defaults to frequency mode, which would sample
                 # a tracepoint at most once a second instead of every time.
                 ev = perf.evsel(type=perf.TYPE_TRACEPOINT, config=tp, sample_period=1, freq=0,
-                                sample_type=sample_type, watermark=1, wakeup_events=1 << 16)
+                                sample_type=sample_type, watermark=1, wakeup_events=1 << 16,
+                                disabled=1)
                 evl = perf.evlist(cpumap, threads)
                 evl.add(ev)
                 before = _perf_mappings()
@@ -207,6 +209,11 @@ class PerfBackend(Backend):
                                        "(use --backend tracefs for kprobes)"))
         if not self.sources:
             raise self._error("perf: no tracepoint could be opened")
+        # Opened disabled, enabled together: opening each event takes a while, and
+        # a queue must not be recorded while its entry's event is not yet on.
+        for src in self.sources:
+            for fd in src.fds:
+                fcntl.ioctl(fd, PERF_EVENT_IOC_ENABLE, 0)
         return results
 
     # ---- reading ----------------------------------------------------------------

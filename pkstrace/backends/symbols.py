@@ -12,6 +12,7 @@ Lookups are one ``numpy.searchsorted`` over a column, not a loop per event.
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -19,44 +20,47 @@ import pandas as pd
 KALLSYMS = "/proc/kallsyms"
 
 
-def function_names(path: str = KALLSYMS) -> set[str] | None:
-    """Names of text symbols (functions), or None if kallsyms is unreadable."""
+_TEXT_SYMBOL = re.compile(r"^([0-9a-fA-F]+) [tTwW] (\S+)", re.M)
+
+
+def _text_symbols(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(addresses, names) of the text symbols (t/T/w/W) in a kallsyms file.
+
+    One C-level regex pass over the file (120k lines in ~0.1 s here), not a
+    Python loop per line.
+    """
     try:
         with open(path) as f:
             data = f.read()
     except OSError:
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=object)
+    found = _TEXT_SYMBOL.findall(data)
+    if not found:
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=object)
+    hexes, names = zip(*found, strict=True)
+    addrs = np.fromiter((int(h, 16) for h in hexes), dtype=np.uint64, count=len(hexes))
+    return addrs, np.asarray(names, dtype=object)
+
+
+def function_names(path: str = KALLSYMS) -> set[str] | None:
+    """Names of text symbols (functions), or None if kallsyms is unreadable."""
+    if not os.access(path, os.R_OK):
         return None
-    names = set()
-    for line in data.splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[1] in ("t", "T", "w", "W"):
-            names.add(parts[2])
-    return names
+    if path == KALLSYMS and _CACHE is not None:
+        return set(_CACHE.names.tolist())
+    return set(_text_symbols(path)[1].tolist())
 
 
 class KernelSymbols:
     """Sorted text symbols of the running kernel (and its modules)."""
 
     def __init__(self, path: str = KALLSYMS) -> None:
-        addrs: list[int] = []
-        names: list[str] = []
-        try:
-            with open(path) as f:
-                data = f.read()
-        except OSError:
-            data = ""
-        for line in data.splitlines():
-            parts = line.split()
-            if len(parts) < 3 or parts[1] not in ("t", "T", "w", "W"):
-                continue
-            a = int(parts[0], 16)
-            if a:
-                addrs.append(a)
-                names.append(parts[2])
-        a = np.asarray(addrs, dtype=np.uint64)
+        a, names = _text_symbols(path)
+        nonzero = a != 0
+        a, names = a[nonzero], names[nonzero]
         order = np.argsort(a, kind="stable")
         self.addrs = a[order]
-        self.names = np.asarray(names, dtype=object)[order]
+        self.names = names[order]
         # A symbol's size: up to the next symbol at a higher address.
         nxt = self.addrs.copy()
         if len(self.addrs):
