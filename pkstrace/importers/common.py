@@ -195,24 +195,68 @@ def _fixed_width_bytes(arr: pa.Array, width: int, pad: str) -> np.ndarray:
     return data[idx] if len(padded) else np.zeros((0, width), np.uint8)
 
 
-def hex_to_u64(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Hex strings (optional ``0x``; ``(nil)`` and empty mean 0) -> (uint64 values, ok mask)."""
-    s = pc.utf8_lower(arr)
-    s = pc.if_else(pc.starts_with(s, "0x"), pc.utf8_slice_codeunits(s, 2), s)
-    s = pc.if_else(pc.equal(s, "(nil)"), "0", s)
-    lengths = np.asarray(pc.fill_null(pc.binary_length(s), 0))
-    ok = (lengths > 0) & (lengths <= 16)
-    s = pc.if_else(pa.array(ok), s, "0")
-    mat = _HEX_LUT[_fixed_width_bytes(s, 16, "0")]
-    ok &= (mat != 255).all(axis=1)
-    mat = np.where(mat == 255, 0, mat).astype(np.uint64)
-    shifts = np.arange(60, -4, -4, dtype=np.uint64)
-    vals = (mat << shifts).sum(axis=1, dtype=np.uint64) if len(mat) else np.zeros(0, np.uint64)
-    return vals, ok
+def _string_bytes(arr: pa.Array, skip: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                         np.ndarray]:
+    """A string array's bytes (zero-padded both sides) and each string's [start, end).
+
+    Also the valid mask. Numbers are then read from windows of these bytes: no
+    per-value string copies (lower-casing, slicing, padding) in between.
+    """
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.cast(pa.string())
+    n = len(arr)
+    bufs = arr.buffers()
+    large = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
+    offs = np.frombuffer(bufs[1], np.int64 if large else np.int32)[arr.offset:arr.offset + n + 1]
+    data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    pad = 32
+    padded = np.concatenate([np.zeros(pad, np.uint8), data, np.zeros(pad, np.uint8)])
+    ends = offs[1:].astype(np.int64) + pad
+    starts = np.minimum(offs[:-1].astype(np.int64) + pad + skip, ends)  # skip a "key="
+    valid = np.asarray(arr.is_valid()) if arr.null_count else np.ones(n, bool)
+    return padded, starts, ends, valid
 
 
-def dec_to_i64(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Decimal strings -> (int64 values, ok mask); non-numbers give ok=False."""
+def _right_window(buf: np.ndarray, ends: np.ndarray, width: int) -> np.ndarray:
+    view = np.lib.stride_tricks.sliding_window_view(buf, width)
+    return view[np.maximum(ends - width, 0)]
+
+
+_HEX_W = 18  # "0x" + 16 hex digits
+_HEX_SHIFTS = np.array([0] * (_HEX_W - 16) + list(range(60, -4, -4)), np.uint64)
+_NIL = np.frombuffer(b"(nil)", np.uint8)
+
+
+def hex_to_u64(arr: pa.Array, skip: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Hex strings (optional ``0x``; ``(nil)`` means 0) -> (uint64 values, ok mask).
+
+    ``skip``: characters to ignore at the start of every string (a ``key=``)."""
+    buf, starts, ends, valid = _string_bytes(arr, skip)
+    if not len(starts):
+        return np.zeros(0, np.uint64), np.zeros(0, bool)
+    length = ends - starts
+    win = _right_window(buf, ends, _HEX_W)
+    nib = _HEX_LUT[win]
+    rev = (nib != 255)[:, ::-1]
+    run = np.minimum(np.where(rev.all(axis=1), _HEX_W, np.argmin(rev, axis=1)), length)
+    first2 = _right_window(buf, starts + 2, 2)
+    has_0x = (first2[:, 0] == ord("0")) & ((first2[:, 1] | 0x20) == ord("x"))
+    ok = valid & (run >= 1) & (run <= 16) & ((run == length) | (has_0x & (run == length - 2)))
+    nil = (length == 5) & (_right_window(buf, starts + 5, 5) == _NIL).all(axis=1)
+    inside = np.arange(_HEX_W)[None, :] >= (_HEX_W - run)[:, None]
+    nib = np.where(inside, nib, 0).astype(np.uint64)
+    vals = (nib << _HEX_SHIFTS).sum(axis=1, dtype=np.uint64)
+    return np.where(ok, vals, 0).astype(np.uint64), ok | (nil & valid)
+
+
+def dec_to_i64(arr: pa.Array, skip: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Decimal strings -> (int64 values, ok mask); non-numbers give ok=False.
+
+    ``skip``: characters to ignore at the start of every string (a ``key=``)."""
+    if skip:
+        arr = pc.utf8_slice_codeunits(arr, skip)
     ok = np.asarray(pc.fill_null(pc.match_substring_regex(arr, r"^-?\d{1,18}$"), False))
     s = pc.if_else(pa.array(ok), arr, "0")
     return np.asarray(pc.cast(s, pa.int64())), ok
@@ -611,7 +655,7 @@ FAST_ARGS: dict[str, tuple[str, str | None, tuple[str, ...], tuple[int, ...]]] =
 }
 
 
-def _fast_args(canon: str, args: pa.Array) -> tuple[np.ndarray, dict[str, pa.Array]]:
+def _fast_args(canon: str, args: pa.Array) -> tuple[np.ndarray, dict[str, Any]]:
     """Rows in the usual spelling (mask) and their fields, cut without regex captures."""
     spec = FAST_ARGS.get(canon)
     if spec is None:
@@ -628,12 +672,14 @@ def _fast_args(canon: str, args: pa.Array) -> tuple[np.ndarray, dict[str, pa.Arr
         flat = pc.split_pattern(sub, sep).flatten()
         pieces = [flat.take(pa.array(np.arange(i, len(flat), k))) if not names[i].startswith(
             ("_x", "_prev")) else None for i in range(k)]
-    return mask, {name: (pc.utf8_slice_codeunits(p, skip) if skip else p)
+    # numbers are read past their "key=" in place; strings are sliced
+    return mask, {name: (p, skip) if name in _HEX_COLUMNS or name in _DEC_COLUMNS
+                  else (pc.utf8_slice_codeunits(p, skip) if skip else p)
                   for name, p, skip in zip(names, pieces, skips, strict=True)
                   if not name.startswith(("_x", "_prev"))}
 
 
-def _store(fields: dict[str, pa.Array], rows: np.ndarray, kind: schema.Kind,
+def _store(fields: dict[str, Any], rows: np.ndarray, kind: schema.Kind,
            cols: dict[str, np.ndarray], str_cols: dict[str, _CodedStrings]) -> np.ndarray:
     """Convert and store one batch of argument fields for ``rows``; returns the ok mask."""
     good = np.ones(len(rows), bool)
@@ -641,11 +687,12 @@ def _store(fields: dict[str, pa.Array], rows: np.ndarray, kind: schema.Kind,
     for col, a in fields.items():
         if col.startswith(("_prev", "_x")):
             continue  # sched_switch's prev comm/pid (the line's own) and priorities
+        a, skip = a if isinstance(a, tuple) else (a, 0)
         if col in _HEX_COLUMNS:
-            parsed[col], vok = hex_to_u64(a)
+            parsed[col], vok = hex_to_u64(a, skip)
             good &= vok
         elif col in _DEC_COLUMNS:
-            parsed[col], vok = dec_to_i64(a)
+            parsed[col], vok = dec_to_i64(a, skip)
             # these columns are int32: a bigger number would wrap into a wrong CPU/pid
             good &= vok & (np.abs(parsed[col]) <= np.iinfo(np.int32).max)
         elif col == "_gp":
