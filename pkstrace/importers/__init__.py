@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import io
 import lzma
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -56,43 +58,99 @@ _MAGIC_HINTS = (
 
 
 def read_input(path: str | os.PathLike[str]) -> bytes:
-    """The bytes of a text capture (``-`` = stdin), decompressed if need be."""
+    """The bytes of a text capture (``-`` = stdin), decompressed if need be.
+
+    Read block by block with a size ceiling (:func:`max_input_bytes`), so that
+    ``/dev/urandom``, a device, an endless pipe or a decompression bomb ends in a
+    one-line error instead of filling memory; binary input is refused at its
+    first block.
+    """
     p = str(path)
+    limit = max_input_bytes()
     try:
         if p == "-":
             import sys
-            data = sys.stdin.buffer.read()
+            data = _read_bounded(sys.stdin.buffer, p, limit)
         else:
             if os.path.isdir(p):
                 raise InputError(f"{p}: is a directory")
             with open(p, "rb") as f:
-                data = f.read()
+                data = _read_bounded(f, p, limit)
+        return _decompress(p, data, limit)
     except FileNotFoundError:
         raise InputError(f"{p}: no such file") from None
     except OSError as e:
         raise InputError(f"{p}: {e.strerror or e}") from None
-    return _decompress(p, data)
+    except MemoryError:
+        raise InputError(f"{p}: out of memory reading the capture (split it with "
+                         "`split -l` and import the parts)") from None
 
 
-def _decompress(p: str, data: bytes) -> bytes:
+READ_BLOCK = 16 << 20
+_COMPRESSED = (b"\x1f\x8b", b"\xfd7zXZ\x00", b"BZh", b"\x28\xb5\x2f\xfd")
+
+
+def max_input_bytes() -> int:
+    """Largest capture (decompressed) imported at once: a sixth of the memory available
+    now (reading holds the text twice for a moment, parsing needs about twice the text
+    again), and at least 256 MiB."""
     try:
-        if data[:2] == b"\x1f\x8b":
-            return gzip.decompress(data)
-        if data[:6] == b"\xfd7zXZ\x00":
-            return lzma.decompress(data)
-        if data[:3] == b"BZh":
-            return bz2.decompress(data)
-        if data[:4] == b"\x28\xb5\x2f\xfd":
-            return _zstd_decompress(data)
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return max(256 << 20, int(line.split()[1]) * 1024 // 6)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 4 << 30
+
+
+def _read_bounded(stream: Any, p: str, limit: int) -> bytes:
+    parts: list[bytes] = []
+    total = 0
+    while True:
+        block = stream.read(READ_BLOCK)
+        if not block:
+            break
+        if not parts:
+            for magic, hint in _MAGIC_HINTS:
+                if block.startswith(magic):
+                    raise InputError(f"{p}: {hint}")
+            if b"\x00" in block[:4096] and not block.startswith((b"PAR1", *_COMPRESSED)):
+                raise InputError(f"{p}: binary data, not a text trace")
+        total += len(block)
+        if total > limit:
+            raise InputError(f"{p}: more than {limit >> 20} MiB of text, over a sixth of the "
+                             "memory available here; split it with `split -l` and import "
+                             "the parts")
+        parts.append(block)
+    return b"".join(parts)
+
+
+def _open_compressed(data: bytes) -> Any:
+    """A stream of the decompressed bytes, or None for data that is not compressed."""
+    buf = io.BytesIO(data)
+    if data[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=buf)
+    if data[:6] == b"\xfd7zXZ\x00":
+        return lzma.LZMAFile(buf)
+    if data[:3] == b"BZh":
+        return bz2.BZ2File(buf)
+    if data[:4] == b"\x28\xb5\x2f\xfd":
+        # pyarrow's streaming zstd reader: no extra dependency for zstd captures.
+        return pa.CompressedInputStream(pa.BufferReader(data), "zstd")
+    return None
+
+
+def _decompress(p: str, data: bytes, limit: int) -> bytes:
+    try:
+        stream = _open_compressed(data)
+        if stream is None:
+            return data
+        with stream:
+            return _read_bounded(stream, p, limit)
     except (OSError, EOFError, lzma.LZMAError, ValueError, pa.ArrowException) as e:
-        raise InputError(f"{p}: corrupt or truncated compressed file ({e})") from None
-    return data
-
-
-def _zstd_decompress(data: bytes) -> bytes:
-    # pyarrow's streaming zstd reader: no extra dependency for zstd captures.
-    stream = pa.CompressedInputStream(pa.BufferReader(data), "zstd")
-    return stream.read()
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise InputError(f"{p}: corrupt or truncated compressed file ({msg})") from None
 
 
 def detect_format(data: bytes, name: str = "input") -> str:
