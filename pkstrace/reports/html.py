@@ -303,8 +303,12 @@ def _run_heading(label: str, n_runs: int) -> str:
 # ---------------------------------------------------------------------------
 
 def _window_ns(f: Findings) -> tuple[int | None, int | None]:
+    """The recording window; else the first and last event (analysis' trace summary)."""
     w = f.trace.get("window") or {}
-    return _int_or_none(w.get("start_ns")), _int_or_none(w.get("end_ns"))
+    start, end = _int_or_none(w.get("start_ns")), _int_or_none(w.get("end_ns"))
+    if start is None or end is None:
+        start, end = _int_or_none(f.trace.get("first_ns")), _int_or_none(f.trace.get("last_ns"))
+    return start, end
 
 
 def _int_or_none(v: Any) -> int | None:
