@@ -198,10 +198,11 @@ class BccBackend(Backend):
         self.cpus = list(cpus) if cpus else []
         self.bpf: Any = None
         self._ring: RingReader | None = None
-        # One ring for all CPUs, as big as tracefs's per-CPU buffers together
-        # (a power of two pages, as BPF requires).
+        # One ring for all CPUs holding about as many events as tracefs's per-CPU
+        # buffers together: a ring record (136 bytes) is ~3x a tracefs entry, so
+        # KB x CPUs x 3, rounded up to a power of two pages as BPF requires.
         ncpu = os.cpu_count() or 1
-        pages = max(MIN_RINGBUF_PAGES, (int(buffer_kb) * ncpu) // 4)
+        pages = max(MIN_RINGBUF_PAGES, (int(buffer_kb) * ncpu * 3) // 4)
         self.ringbuf_pages = 1 << (pages - 1).bit_length()
         self._chunks: list[bytes] = []
         self._symbols: dict[int, str] = {}
