@@ -430,3 +430,15 @@ def test_error_after_attach_keeps_a_partial_trace_and_detaches(backend: str,
     inst = meta.extra.get("tracefs", {}).get("instance")
     if inst:  # the recorder's own instance name, now gone
         assert not os.path.exists(f"{find_tracefs()}/instances/{inst}")
+
+
+def test_isolated_and_msr_options_reach_the_trace(tmp_path: Path) -> None:
+    need_backend("tracefs")
+    out = tmp_path / "opts.pkstrace"
+    record_cli("tracefs", out, "--isolated", "1", "--msr", "0x830", calls=20)
+    trace = tracefile.read_trace(out)
+    assert trace.meta.isolated_cpus == [1]
+    msr = trace.events[trace.events["kind"] == "msr_write"]["msr"]
+    assert len(msr) and set(msr.unique()) == {0x830}  # every IPI writes the x2APIC ICR
+    probe = {p["name"]: p for p in trace.meta.probes}["msr:write_msr"]
+    assert "msr == 0x830" in probe["reason"]

@@ -20,9 +20,11 @@ exit status becomes pkstrace's). Whatever stops it, every probe is detached,
 the private tracefs instance is removed, and the trace holds what was recorded.
 
 Backends: bcc (BPF, in-kernel counts and histograms with --mode counts), perf
-(perf's Python bindings), tracefs (pure Python). `auto` picks the first of
-bcc, perf, tracefs that can run here and says why; `pkstrace doctor` shows
-what this host allows."""
+(perf's Python bindings), tracefs (pure Python, the only one recording ftrace's
+irqs-off / irq-context / preempt-depth flags). `auto` picks the first of bcc,
+perf, tracefs that can run here, but tracefs first on a kernel that has
+write_pkrs or a global-update function (preempt-count drift needs the flags),
+and says why; `pkstrace doctor` shows what this host allows."""
 DEFAULT_OUTPUT = "trace.pkstrace"
 EXAMPLES = f"""\
 examples:
@@ -44,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "without --force)")
     p.add_argument("-f", "--force", action="store_true", help="overwrite FILE if it exists")
     p.add_argument("--backend", default="auto", choices=("auto", "bcc", "perf", "tracefs"),
-                   help="event source (default auto: bcc, else perf, else tracefs)")
+                   help="event source (default auto: bcc, else perf, else tracefs; "
+                   "tracefs first on a PKS kernel)")
     p.add_argument("--mode", default="events", choices=("events", "counts"),
                    help="events: every event into the trace; counts: per-CPU counts and "
                    "log2 latency histograms kept in the kernel (bcc only)")
@@ -62,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "prefix write: for write_pkrs-like ones)")
     p.add_argument("--no-sched", action="store_true", help="do not record sched:sched_switch")
     p.add_argument("--buffer-kb", type=int, default=8192, metavar="KB",
-                   help="per-CPU buffer: tracefs ring per CPU; bcc's ring is KB x CPUs")
+                   help="per-CPU buffer (default 8192): tracefs ring per CPU; "
+                   "bcc's one ring is about KB x CPUs x 3")
     status = p.add_mutually_exclusive_group()
     status.add_argument("--status", dest="status", action="store_true", default=None,
                         help="live status line on stderr (default: when stderr is a tty)")
