@@ -76,7 +76,7 @@ def test_every_view_is_present(v3_page: str) -> None:
     titles = " | ".join(str(f["layout"].get("title", {}).get("text")) for f in figs.values())
     for want in ("MSR writes per CPU over time", "cross-CPU calls arriving per CPU",
                  "latency histogram", "latency CDF by target CPU", "latency CDF by function",
-                 "global-update episodes", "projected stall", "isolation violations",
+                 "global-update episodes", "projected p99 stall", "isolation violations",
                  "preempt-count drift", "write_pkrs() calls vs cache hits"):
         assert want in titles, want
     # Isolated CPUs are marked on the heatmaps.
@@ -99,7 +99,7 @@ def test_summary_counts_come_from_findings(v3_page: str) -> None:
 
 def test_projection_covers_64_256_1024(v3_page: str) -> None:
     proj = next(f for f in _figures(v3_page).values()
-                if "projected stall" in f["layout"]["title"]["text"])
+                if "projected p99 stall" in f["layout"]["title"]["text"])
     xs = {x for d in proj["data"] for x in d["x"]}
     assert {64, 256, 1024} <= xs
     names = " ".join(d["name"] for d in proj["data"])
@@ -194,3 +194,28 @@ def test_cli_bad_isolated(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
     rc, _, err = _run(capsys, "report", "a.pkstrace", "--isolated", "7-3",
                       "-o", str(tmp_path / "x.html"))
     assert rc == 2 and "--isolated" in err and err.strip().count("\n") == 0
+
+
+def test_cli_calibration_adds_projection_lines(capsys: pytest.CaptureFixture[str],
+                                               tmp_path: Path) -> None:
+    """--calibration goes to analyse(): its projection rows are drawn as their own lines."""
+    src = Path(__file__).parent / "fixtures" / "emulated_v3_8cpu.pkstrace"
+    out = tmp_path / "calib.html"
+    rc, _, err = _run(capsys, "report", str(src), "--calibration", "review", "-o", str(out))
+    assert rc == 0, err
+    proj = next(f for f in _figures(out.read_text()).values()
+                if "projected" in f["layout"]["title"]["text"])
+    names = {d["name"] for d in proj["data"]}
+    assert {"serial (trace)", "serial (review)", "broadcast (review)"} <= names
+    for d in proj["data"]:  # one line per (design, source): CPU counts never repeat
+        assert len(d["x"]) == len(set(d["x"]))
+
+
+def test_cli_bad_calibration(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    src = Path(__file__).parent / "fixtures" / "emulated_v3_8cpu.pkstrace"
+    rc, _, err = _run(capsys, "report", str(src), "--calibration", str(bad),
+                      "-o", str(tmp_path / "x.html"))
+    assert rc == 2 and "calibration" in err and err.strip().count("\n") == 0
+    assert not (tmp_path / "x.html").exists()

@@ -48,7 +48,7 @@ CDF_POINTS = 120  # quantiles drawn per CDF line
 # A fixed, colour-blind-safe palette (Okabe-Ito), so that A and B keep colours.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9",
            "#F0E442", "#000000", "#999999", "#882255", "#44AA99", "#117733"]
-RUN_COLOURS = ["#0072B2", "#D55E00"]
+DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
 
 SERIES_TITLES = {
     "msr_write": "MSR writes",
@@ -951,7 +951,8 @@ def episodes_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
     parts = []
     proj_data = []
     proj_tables: list[str] = []
-    for r, (label, f) in enumerate(runs):
+    dash_of: dict[tuple[str, str], str] = {}
+    for label, f in runs:
         out = [_run_heading(label, len(runs))]
         ep = f.episodes
         if len(ep) == 0:
@@ -1010,26 +1011,26 @@ def episodes_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
                 caption="episodes (longest stall first)", sort_by="stall_ns"))
         pr = f.projection
         if len(pr):
-            for j, design in enumerate(dict.fromkeys(_col(pr, "design").astype(str).tolist())):
-                sub = pr[_col(pr, "design").astype(str) == design]
-                sub = sub.iloc[np.argsort(_numeric(sub["cpus"]))]
-                name = f"{esc(design)}" + (f" · {esc(label)}" if len(runs) > 1 else "")
-                colour = PALETTE[j % len(PALETTE)]
-                src = [esc(v) for v in _col(sub, "source").tolist()]
+            designs = _col(pr, "design").astype(str).to_numpy()
+            sources = _col(pr, "source").astype(str).to_numpy()
+            design_order = list(dict.fromkeys(designs.tolist()))
+            # One line per (design, source): a trace-derived and a calibration-derived
+            # projection of the same design are different claims, never joined.
+            for design, source in dict.fromkeys(zip(designs.tolist(), sources.tolist(),
+                                                    strict=True)):
+                m = (designs == design) & (sources == source)
+                sub = pr[m].iloc[np.argsort(_numeric(pr[m]["cpus"]))]
+                style = dash_of.setdefault((label, source), DASHES[len(dash_of) % len(DASHES)])
+                name = f"{esc(design)} ({esc(source)})" + \
+                    (f" · {esc(label)}" if len(runs) > 1 else "")
+                colour = PALETTE[design_order.index(design) % len(PALETTE)]
+                p50 = [fmt_ns(v) for v in _numeric(sub["p50_stall_ns"])]
                 proj_data.append({
                     "type": "scatter", "mode": "lines+markers", "x": _numeric(sub["cpus"]),
                     "y": (_numeric(sub["p99_stall_ns"]) / 1e3).round(3),
-                    "name": name + " p99", "customdata": src,
-                    "line": {"color": colour, "dash": "solid" if r == 0 else "dot"},
-                    "hovertemplate": "%{x} CPUs: p99 %{y:.3g} µs<br>%{customdata}<extra>"
-                                     + name + "</extra>"})
-                proj_data.append({
-                    "type": "scatter", "mode": "lines", "x": _numeric(sub["cpus"]),
-                    "y": (_numeric(sub["p50_stall_ns"]) / 1e3).round(3),
-                    "name": name + " p50", "customdata": src, "opacity": 0.5,
-                    "line": {"color": colour, "dash": "dash" if r == 0 else "dashdot",
-                             "width": 1},
-                    "hovertemplate": "%{x} CPUs: p50 %{y:.3g} µs<br>%{customdata}<extra>"
+                    "name": name, "customdata": p50,
+                    "line": {"color": colour, "dash": style},
+                    "hovertemplate": "%{x} CPUs: p99 %{y:.3g} µs, p50 %{customdata}<extra>"
                                      + name + "</extra>"})
             proj_tables.append(
                 _run_heading(label, len(runs))
@@ -1048,15 +1049,14 @@ def episodes_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
         if len(ys):
             yaxis.update(log_ticks_us(float(ys.min()), float(ys.max())))
         proj = page.figure(
-            proj_data, {"title": {"text": "projected stall of one global update: serial vs "
-                                          "broadcast vs lazy (solid p99, dashed p50)"},
+            proj_data, {"title": {"text": "projected p99 stall of one global update: serial "
+                                          "vs broadcast vs lazy"},
                         "xaxis": {"type": "log", "title": {"text": "CPUs (log)"},
                                   "tickvals": [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]},
                         "yaxis": yaxis},
             height=440, label="projection of stall to 64, 256 and 1024 CPUs")
-        zero = sorted({d["name"].rsplit(" ", 1)[0] for d in proj_data
-                       if d["name"].endswith("p99")
-                       and not (np.asarray(d["y"], dtype=float) > 0).any()})
+        zero = sorted({d["name"] for d in proj_data
+                       if not (np.asarray(d["y"], dtype=float) > 0).any()})
         if zero:
             proj += (f'<p class="note">Stall 0 (nothing to wait for, so not drawn on the log '
                      f'axis): {", ".join(zero)}.</p>')
