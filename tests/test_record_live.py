@@ -442,3 +442,14 @@ def test_isolated_and_msr_options_reach_the_trace(tmp_path: Path) -> None:
     assert len(msr) and set(msr.unique()) == {0x830}  # every IPI writes the x2APIC ICR
     probe = {p["name"]: p for p in trace.meta.probes}["msr:write_msr"]
     assert "msr == 0x830" in probe["reason"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cpus_option_records_only_those_cpus(backend: str, tmp_path: Path) -> None:
+    need_backend(backend)
+    out = tmp_path / "cpu1.pkstrace"
+    record_cli(backend, out, "--cpus", "1")
+    ev = tracefile.read_trace(out).events
+    assert len(ev) and set(ev["cpu"].unique()) == {1}
+    entries = ev[(ev["kind"] == "csd_entry") & (ev["func"] == CALLED_FUNC)]
+    assert len(entries) >= N  # the calls arrive on CPU 1; their queues (CPU 0) are not kept

@@ -147,13 +147,10 @@ class PerfBackend(Backend):
         import perf
 
         self._syms = kernel_symbols()
-        cpumap = perf.cpu_map()
+        # Events are opened only on the CPUs asked for (--cpus).
+        cpumap = (perf.cpu_map(cpustr=schema.format_cpulist(self.only_cpus))
+                  if self.only_cpus else perf.cpu_map())
         cpus = [int(c) for c in cpumap]
-        if self.only_cpus:
-            # The binding takes a cpu_map from a string in newer versions only;
-            # here recording covers every CPU and other CPUs' rows are dropped.
-            self._notes.append("perf: recorded all CPUs, kept --cpus "
-                               + schema.format_cpulist(self.only_cpus))
         threads = perf.thread_map(-1)
         results = []
         sample_type = perf.SAMPLE_RAW | perf.SAMPLE_TIME | perf.SAMPLE_CPU | perf.SAMPLE_TID
@@ -269,8 +266,6 @@ class PerfBackend(Backend):
             return schema.empty_events()
         df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
         df = df.sort_values("ts", kind="stable", ignore_index=True)
-        if self.only_cpus:
-            df = df[df["cpu"].isin(self.only_cpus)].reset_index(drop=True)
         self._fill_comm(df)
         return schema.normalize(df)
 
