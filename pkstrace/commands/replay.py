@@ -85,11 +85,13 @@ def load_trace(path: str, isolated: list[int] | None = None, cpus: int | None = 
         raise InputError(f"{path}: no such file")
     if p.is_dir():
         raise InputError(f"{path}: is a directory")
-    try:
-        with open(p, "rb") as f:
-            head = f.read(4)
-    except OSError as e:
-        raise InputError(f"{path}: {e.strerror or e}") from None
+    head = b""
+    if p.is_file():  # a pipe (`replay <(zcat t.gz)`) can be read once only: no peeking
+        try:
+            with open(p, "rb") as f:
+                head = f.read(4)
+        except OSError as e:
+            raise InputError(f"{path}: {e.strerror or e}") from None
     if head == b"PAR1":
         trace = tracefile.read_trace(p, columns=list(ANALYSIS_COLUMNS), low_memory=True)
     else:
