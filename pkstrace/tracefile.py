@@ -261,9 +261,28 @@ def read_trace(path: str | os.PathLike[str], columns: list[str] | None = None,
             pa.default_memory_pool().release_unused()  # hand freed buffers back to the OS
     except Exception as e:
         raise TraceFileError(f"{path}: corrupt or truncated trace file ({_one_line(e)})") from None
-    if columns is None:
-        try:
+    try:
+        if columns is None:
             df = schema.normalize(df)
-        except (ValueError, TypeError, OverflowError) as e:
-            raise TraceFileError(f"{path}: {_one_line(e)}") from None
+        else:
+            _check_columns(df)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise TraceFileError(f"{path}: {_one_line(e)}") from None
     return schema.Trace(events=df, meta=meta)
+
+
+def _check_columns(df: pd.DataFrame) -> None:
+    """A column subset gets the checks normalize() gives a whole table: known event
+    kinds (an unknown one would otherwise be dropped silently by the analysis) and
+    the schema's dtypes (a foreign Parquet file may store them differently)."""
+    for name in df.columns:
+        c = schema.column(name)
+        if c.dtype == "kind":
+            v = df[name]
+            if isinstance(v.dtype, pd.CategoricalDtype):
+                bad = sorted(set(map(str, v.cat.categories)) - set(schema.KINDS))
+                if bad:
+                    raise ValueError(f"unknown event kinds: {bad[:5]}")
+            df[name] = schema.normalize({"kind": v})["kind"]
+        elif c.dtype != "category" and df[name].dtype != c.dtype:
+            df[name] = df[name].to_numpy().astype(c.dtype)
