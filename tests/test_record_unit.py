@@ -101,7 +101,11 @@ def test_plan_kprobes_where_the_kernel_has_the_functions() -> None:
     assert kp["write_pkrs"].event == "write_pkrs" and kp["write_pkrs"].fetchargs == WRITE_PKRS_ARGS
     assert kp["update_global_pkrs"].fetchargs == GLOBAL_UPDATE_ARGS
     assert kp["my_update"].required and not kp["write_pkrs"].required
-    assert kp["my_update"].event == "my_update"  # second global-update probe keeps its name
+    # A second global-update probe gets a tracefs-style name the importer maps.
+    assert kp["my_update"].event == "p_update_global_pkrs_1"
+    from pkstrace.importers.common import kind_of_event
+
+    assert kind_of_event("p_update_global_pkrs_1")[0] == schema.Kind.GLOBAL_UPDATE
     assert {a.name for a in absent} == {"kprobe:pks_update_protection", "kprobe:pks_update_global"}
     assert all("no such function" in a.reason for a in absent)
 

@@ -126,9 +126,14 @@ def plan_probes(opts: RecordOptions, kernel_symbols: set[str] | None, kprobes_av
                                       "kernel has the function but no kprobes "
                                       "(CONFIG_KPROBES off) and fentry is not allowed"))
             continue
-        # The event name tells the importer the kind; a second function of the
-        # same kind keeps its own name (the importer maps known names).
-        ev_name = event if event not in used_events else func
+        # The event name tells the importer the kind: "write_pkrs" /
+        # "update_global_pkrs", then tracefs-style "p_<name>_<n>" for a second
+        # function of the same kind (the importer maps both to the kind).
+        ev_name = event
+        n = 1
+        while ev_name in used_events:
+            ev_name = f"p_{event}_{n}"
+            n += 1
         used_events.add(ev_name)
         specs.append(ProbeSpec(name=name, kind="kprobe", required=required, event=ev_name,
                                symbol=func, fetchargs=args))

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from pkstrace import schema
-from pkstrace.backends.base import Backend, ProbeResult, ProbeSpec
+from pkstrace.backends.base import WRITE_PKRS_ARGS, Backend, ProbeResult, ProbeSpec
 from pkstrace.backends.symbols import kernel_symbols
 
 PROBE_FILE = "pkstrace.bpf.c"
@@ -277,7 +277,7 @@ class BccBackend(Backend):
         for p in self.probes:
             if p.kind != "kprobe":
                 continue
-            fn = "kprobe_write_pkrs" if p.event == "write_pkrs" else "kprobe_global_update"
+            fn = "kprobe_write_pkrs" if p.fetchargs == WRITE_PKRS_ARGS else "kprobe_global_update"
             try:
                 self.bpf.attach_kprobe(event=p.symbol, fn_name=fn)
                 self._kprobes.append(p.symbol)
