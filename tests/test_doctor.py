@@ -12,6 +12,7 @@ import pytest
 from pkstrace.backends import checks
 from pkstrace.backends.tracefs import find_tracefs
 
+pytestmark = [pytest.mark.live]
 PKSTRACE = [sys.executable, "-m", "pkstrace"]
 
 
