@@ -480,3 +480,20 @@ def test_random_traces_never_crash_and_stay_consistent(seed):
     s = f.cross_cpu_summary
     assert s["remote"] + s["unmatched_queue"] == (cols["kind"] == "csd_queue").sum()
     json.dumps(f.to_json())
+
+
+@pytest.mark.parametrize("inclusive", [False, True])
+def test_asof_prev_matches_brute_force(inclusive):
+    from pkstrace.analysis.prep import asof_prev
+
+    rng = np.random.default_rng(7)
+    n = 400
+    lr = np.sort(rng.choice(n, 120, replace=False))
+    rr = np.sort(rng.choice(n, 150, replace=False))
+    lg, rg = rng.integers(0, 4, len(lr)), rng.integers(0, 4, len(rr))
+    got = asof_prev(lg, lr, rg, rr, n, inclusive=inclusive)
+    for i, (g, r) in enumerate(zip(lg, lr, strict=True)):
+        cands = [j for j in range(len(rr)) if rg[j] == g and (rr[j] <= r if inclusive
+                                                               else rr[j] < r)]
+        want = max(cands, key=lambda j: rr[j]) if cands else -1
+        assert got[i] == want

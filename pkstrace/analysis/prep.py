@@ -142,20 +142,33 @@ def asof_prev(left_group: np.ndarray, left_row: np.ndarray, right_group: np.ndar
 
     Rows are positions in the time-sorted table, so this is "the latest event of
     that kind on that CPU before this one", exact even on equal timestamps.
+    One pass: merge both sides by row (linear when each side is in row order),
+    stably regroup (a radix sort for CPU-sized groups), carry the last right
+    position forward, and keep it where it is in the same group.
     """
-    if len(left_row) == 0:
+    nl, nr = len(left_row), len(right_row)
+    if nl == 0:
         return np.zeros(0, dtype=np.int64)
-    if len(right_row) == 0:
-        return np.full(len(left_row), -1, dtype=np.int64)
-    order = group_order(right_group)
-    rk = right_group[order].astype(np.int64) * (n + 1) + right_row[order]
-    lk = left_group.astype(np.int64) * (n + 1) + left_row
-    pos = np.searchsorted(rk, lk, side="right" if inclusive else "left") - 1
-    ok = pos >= 0
-    found = np.full(len(left_row), -1, dtype=np.int64)
-    cand = order[np.where(ok, pos, 0)]
-    ok &= right_group[cand] == left_group
-    found[ok] = cand[ok]
+    if nr == 0:
+        return np.full(nl, -1, dtype=np.int64)
+    # at equal rows a strict lookup puts the left side first, an inclusive one last
+    tie_l, tie_r = (1, 0) if inclusive else (0, 1)
+    key = np.concatenate([left_row.astype(np.int64) * 2 + tie_l,
+                          right_row.astype(np.int64) * 2 + tie_r])
+    o = np.argsort(key, kind="stable")
+    del key
+    grp = np.concatenate([np.asarray(left_group, dtype=np.int64),
+                          np.asarray(right_group, dtype=np.int64)])
+    o = o[group_order(grp[o])]
+    is_right = o >= nl
+    last = np.where(is_right, np.arange(len(o)), -1)
+    np.maximum.accumulate(last, out=last)
+    lefts = np.flatnonzero(~is_right)
+    cand = last[lefts]
+    ok = cand >= 0
+    ok[ok] = grp[o[cand[ok]]] == grp[o[lefts[ok]]]
+    found = np.full(nl, -1, dtype=np.int64)
+    found[o[lefts[ok]]] = o[cand[ok]] - nl
     return found
 
 
