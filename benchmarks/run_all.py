@@ -4,7 +4,7 @@
     python benchmarks/run_all.py            # full runs (minutes; root for ipi/overhead)
     python benchmarks/run_all.py --smoke    # CI: each script's short smoke mode
     python benchmarks/run_all.py --only ipi,overhead
-    python benchmarks/run_all.py --plot-only   # re-plot the result files already there
+    python benchmarks/run_all.py --plot-only   # summarise and plot the result files there
 
 Each script takes ``--smoke`` and writes ``benchmarks/results/<name>.json``
 (``bench_<name>.py``), or ``$PKSTRACE_BENCH_RESULTS/<name>.json`` when that is
@@ -93,6 +93,19 @@ def load_results(results: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def describe_files(results_dir: Path, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Which run each result file comes from: its date, smoke flag and git revision."""
+    out = []
+    for name, doc in results.items():
+        path = results_dir / f"{name}.json"
+        created = doc.get("created") or time.strftime(
+            "%Y-%m-%dT%H:%M:%S", time.localtime(path.stat().st_mtime))
+        out.append({"name": name, "file": _shown(path), "created": str(created),
+                    "smoke": doc.get("smoke"),
+                    "git_rev": doc.get("git_rev") or doc.get("git_revision") or ""})
+    return out
+
+
 def collect_targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for name, doc in results.items():
@@ -114,6 +127,8 @@ def collect_targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 def render_summary(results: dict[str, dict[str, Any]], targets: list[dict[str, Any]],
                    runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """One plotly page: targets against limits, wall times, ipi and overhead figures."""
+    import numpy as np
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -121,46 +136,50 @@ def render_summary(results: dict[str, dict[str, Any]], targets: list[dict[str, A
                and isinstance(t.get("limit"), (int, float)) and t["limit"]]
     ipi_doc = results.get("ipi", {})
     ov_doc = results.get("overhead", {})
-    fig = make_subplots(
-        rows=2, cols=2, vertical_spacing=0.18, horizontal_spacing=0.12,
-        subplot_titles=("targets: measured / limit (below 1 = met)",
-                        "benchmark wall time (s)",
-                        "cross-CPU call: serial walk vs broadcast (ipi)",
-                        "tracer cost per event (overhead)"))
+    rows = 3 if runs else 2
+    specs = [[{"colspan": 2}, None], [{}, {}]] + ([[{"colspan": 2}, None]] if runs else [])
+    titles = ["targets: measured / limit, oriented so that below 1 = met (log scale)",
+              "cross-CPU call: serial walk vs broadcast (ipi, p50)",
+              "tracer cost per event (overhead, medians)"]
+    if runs:
+        titles.append("benchmark wall time (s)")
+    fig = make_subplots(rows=rows, cols=2, specs=specs, vertical_spacing=0.12,
+                        horizontal_spacing=0.1, subplot_titles=titles,
+                        row_heights=[0.45, 0.35] + ([0.2] if runs else []))
     if numeric:
-        labels = [f"{t['benchmark']}: {t['target']} [{t.get('measure', '')}]"[:90]
+        labels = [_wrap(f"{t['benchmark']}: {t['target']}"
+                        + (f" [{t['measure']}]" if t.get("measure") else ""), 70)
                   for t in numeric]
         fig.add_trace(go.Bar(
             y=labels, x=[_cost_ratio(t) for t in numeric], orientation="h",
             marker_color=["#2a9d8f" if t["met"] else "#e76f51" for t in numeric],
-            text=[f"{t['value']} / {t['limit']} {t.get('unit', '')}" for t in numeric],
-            name="targets", showlegend=False), row=1, col=1)
+            text=[f"{t['value']:,} / {t['limit']:,} {t.get('unit', '')}" for t in numeric],
+            textposition="auto", name="targets", showlegend=False), row=1, col=1)
         fig.add_vline(x=1.0, line_dash="dash", row=1, col=1)
-    if runs:
-        fig.add_trace(go.Bar(x=[r["name"] for r in runs], y=[r["wall_s"] for r in runs],
-                             marker_color=["#2a9d8f" if r["exit_status"] == 0 else "#e76f51"
-                                           for r in runs],
-                             name="wall time", showlegend=False), row=1, col=2)
+        fig.update_xaxes(type="log", row=1, col=1)
     for label, key in (("serial, targets idle", "serial_idle"),
                        ("serial, targets busy", "serial"), ("broadcast", "broadcast")):
-        rows = ipi_doc.get(key) or []
-        if rows:
-            import numpy as np
-
+        ipi_rows = ipi_doc.get(key) or []
+        if ipi_rows:
             fig.add_trace(go.Scatter(
-                x=[r["cpus"] for r in rows],
-                y=[float(np.median(r["stall_ns"])) / 1000 for r in rows],
-                mode="lines+markers", name=f"{label} (p50 us)"), row=2, col=1)
+                x=[r["cpus"] for r in ipi_rows],
+                y=[float(np.median(r["stall_ns"])) / 1000 for r in ipi_rows],
+                mode="lines+markers", name=f"ipi: {label}"), row=2, col=1)
     trs = [r for r in ov_doc.get("tracers", []) if r.get("available")
            and r.get("kind") != "untraced"]
     if trs:
         fig.add_trace(go.Bar(x=[r["name"] for r in trs],
                              y=[r.get("bpf_stats", {}).get("ns_per_event_p50") for r in trs],
-                             name="BPF run time (bpf_stats)"), row=2, col=2)
+                             name="overhead: BPF run time (bpf_stats)"), row=2, col=2)
         fig.add_trace(go.Bar(x=[r["name"] for r in trs],
                              y=[r.get("slowdown", {}).get("overhead_ns_per_event") for r in trs],
-                             name="workload slowdown"), row=2, col=2)
-    fig.update_yaxes(title_text="us", row=2, col=1)
+                             name="overhead: workload slowdown (median call)"), row=2, col=2)
+    if runs:
+        fig.add_trace(go.Bar(x=[r["name"] for r in runs], y=[r["wall_s"] for r in runs],
+                             marker_color=["#2a9d8f" if r["exit_status"] == 0 else "#e76f51"
+                                           for r in runs],
+                             name="wall time", showlegend=False), row=3, col=1)
+    fig.update_yaxes(title_text="stall, us", row=2, col=1)
     fig.update_xaxes(title_text="target CPUs", dtick=1, row=2, col=1)
     fig.update_yaxes(title_text="ns / event (median)", row=2, col=2)
     host = meta.get("host", {})
@@ -169,7 +188,8 @@ def render_summary(results: dict[str, dict[str, Any]], targets: list[dict[str, A
               f"{host.get('cpu_model', '')}, {len(host.get('online_cpus', []))} CPUs; "
               f"rev {meta.get('git_rev', '')}; {meta.get('created', '')}"
               f"{' (smoke)' if meta.get('smoke') else ''}",
-        height=900, barmode="group")
+        height=1100 if runs else 950, barmode="group",
+        legend={"orientation": "h", "y": -0.08})
     table = "".join(
         f"<tr><td>{_esc(t['benchmark'])}</td><td>{_esc(t['target'])}</td>"
         f"<td>{_esc(str(t.get('measure', '')))}</td>"
@@ -199,6 +219,19 @@ def _cost_ratio(t: dict[str, Any]) -> float:
     if better == "higher" and value:
         return limit / value
     return value / limit
+
+
+def _wrap(text: str, width: int) -> str:
+    """Break a long label into lines of at most ``width`` characters (plotly <br>)."""
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        if line and len(line) + 1 + len(w) > width:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    lines.append(line)
+    return "<br>".join(_esc(x) for x in lines)
 
 
 def _esc(s: str) -> str:
@@ -233,25 +266,28 @@ def main(argv: list[str] | None = None) -> int:
             "host": host_facts(), "smoke": a.smoke,
             "command": ["python", "benchmarks/run_all.py", *(argv if argv is not None
                                                              else sys.argv[1:])]}
-    summary = {**meta, "benchmarks": runs, "targets": targets}
-    if a.plot_only:
-        # Keep the last real run's script statuses; only targets and plot refresh.
-        old = results_dir / "run_all.json"
-        if old.exists():
-            summary["benchmarks"] = json.loads(old.read_text()).get("benchmarks", [])
+    summary = {**meta, "benchmarks": runs, "result_files": describe_files(results_dir, results),
+               "targets": targets}
     write_json_atomic(results_dir / "run_all.json", summary)
     write_text_atomic(results_dir / "summary.html",
                       render_summary(results, targets, summary["benchmarks"], meta))
-    print(f"{'benchmark':<12} {'exit':>4} {'wall s':>8} result", file=sys.stderr)
-    for r in summary["benchmarks"]:
+    if runs:
+        print(f"{'benchmark':<12} {'exit':>4} {'wall s':>8} result", file=sys.stderr)
+    for r in runs:
         state = "fresh" if r["fresh"] else "NOT WRITTEN by this run"
         print(f"{r['name']:<12} {r['exit_status']:>4} {r['wall_s']:>8.1f} "
               f"{r['result_file'] or '-'} ({state})", file=sys.stderr)
+    print(f"{'result':<12} {'created':<26} {'smoke':<6} git", file=sys.stderr)
+    for f in summary["result_files"]:
+        print(f"{f['name']:<12} {f['created']:<26} {str(f['smoke']):<6} {f['git_rev']}",
+              file=sys.stderr)
     for t in targets:
         status = {True: "met", False: "MISSED", None: "unknown"}.get(t["met"], "?")
-        detail = (f": {t['value']} vs {t['limit']} {t.get('unit', '')}" if "value" in t
-                  and "limit" in t else "")
-        print(f"target {status}: {t['benchmark']}: {t['target']}{detail}", file=sys.stderr)
+        detail = (f": {t['value']} vs {t['limit']} {t.get('unit', '')}".rstrip()
+                  if "value" in t and "limit" in t else "")
+        measure = f" [{t['measure']}]" if t.get("measure") else ""
+        print(f"target {status}: {t['benchmark']}: {t['target']}{measure}{detail}",
+              file=sys.stderr)
     print(f"wrote {_shown(results_dir / 'run_all.json')} and "
           f"{_shown(results_dir / 'summary.html')}", file=sys.stderr)
     failed = [r["name"] for r in runs if r["exit_status"] != 0 or not r["fresh"]]
