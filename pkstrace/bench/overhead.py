@@ -256,7 +256,8 @@ class Tracer:
             return workload
         if self.kind == "bpftrace":
             probes = ",".join(f"tracepoint:{tp}" for tp in tps)
-            action = "{ }" if self.mode == "empty" else "{ @[probe, cpu] = count(); }"
+            action = {"empty": "{ }", "unkeyed": "{ @ = count(); }"}.get(
+                self.mode, "{ @[probe, cpu] = count(); }")
             return ["bpftrace", "-e", f"{probes} {action}", "-c", " ".join(workload)]
         if self.kind == "perf":
             events = [a for tp in tps for a in ("-e", tp)]
@@ -297,9 +298,16 @@ def default_tracers() -> list[Tracer]:
     ]
 
 
+def extra_tracers() -> list[Tracer]:
+    """References run only when asked for (``--tracers``)."""
+    # One counter for everything: what a minimal in-kernel count costs here.
+    return [Tracer("bpftrace-unkeyed", "bpftrace count() unkeyed", "bpftrace", uses_bpf=True,
+                   mode="unkeyed")]
+
+
 def select_tracers(keys: list[str]) -> list[Tracer]:
     """Tracers by short name (``untraced``, ``bpftrace``, ...); InputError for unknown ones."""
-    by_key = {t.key: t for t in default_tracers()}
+    by_key = {t.key: t for t in default_tracers() + extra_tracers()}
     unknown = [k for k in keys if k not in by_key]
     if unknown:
         raise InputError(f"unknown tracer(s) {unknown}; choose from {', '.join(by_key)}")

@@ -88,7 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ov.add_argument("--tracers", default=None, metavar="LIST",
                     help="comma-separated subset of: untraced, bpftrace, bpf-floor (an empty "
                     "BPF program), perf, tracefs, pkstrace-perf, bcc-events, bcc-counts "
-                    "(default: all)")
+                    "(default: all of these), and bpftrace-unkeyed (one counter for all "
+                    "events; only when named)")
     ov.add_argument("--runs", type=_positive_int, default=5, metavar="N",
                     help="slowdown runs per tracer (default 5)")
     ov.add_argument("--bpf-runs", type=int, default=3, metavar="N",
