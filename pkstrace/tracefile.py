@@ -106,11 +106,26 @@ def _unlink_quietly(p: str) -> None:
         pass
 
 
+class DiskFullError(TraceFileError):
+    """The output file system is (nearly) full: the batch was not written, and the file
+    so far is intact, with room kept for its footer (``close`` still works)."""
+
+
+# Room kept free on the output file system for the footer (schema, row-group index,
+# metadata document): a batch that would eat into it is refused before any byte of
+# it is written, because a Parquet file cut short by ENOSPC has no footer and
+# cannot be read at all.
+FOOTER_RESERVE_BYTES = 1 << 20
+FOOTER_BYTES_PER_ROW_GROUP = 8 << 10
+
+
 class TraceWriter:
     """Streams events into a trace file, batch by batch (used by the recorder).
 
     The metadata is written when the file is closed (it holds figures such as
-    lost events that are only known at the end).
+    lost events that are only known at the end). Before each batch the free space
+    is checked (:class:`DiskFullError`); a write that fails anyway marks the file
+    broken, and ``close`` then refuses to move an unreadable file into place.
     """
 
     def __init__(self, path: str | os.PathLike[str], force: bool = False) -> None:
@@ -119,8 +134,14 @@ class TraceWriter:
         fd, self._tmp = _open_tmp(self.path)
         os.close(fd)
         self.rows = 0
-        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(
-            self._tmp, schema.arrow_schema(), compression="zstd")
+        self._row_groups = 0
+        self._broken = ""  # why an earlier write failed
+        try:
+            self._writer: pq.ParquetWriter | None = pq.ParquetWriter(
+                self._tmp, schema.arrow_schema(), compression="zstd")
+        except OSError as e:
+            _unlink_quietly(self._tmp)
+            raise TraceFileError(f"cannot write {self.path}: {e.strerror or e}") from None
 
     @property
     def tmp_path(self) -> str:
@@ -129,26 +150,50 @@ class TraceWriter:
     def write(self, events: pd.DataFrame) -> None:
         if self._writer is None:
             raise TraceFileError("trace writer is closed")
+        if self._broken:
+            raise TraceFileError(f"cannot write {self.path}: {self._broken}")
         if len(events) == 0:
             return
+        table = _table(events)
+        self._check_space(table.nbytes, len(events))
         try:
-            self._writer.write_table(_table(events))
+            self._writer.write_table(table)
         except OSError as e:
+            self._broken = _one_line(e)
             raise TraceFileError(f"cannot write {self.path}: {e.strerror or e}") from None
         self.rows += len(events)
+        self._row_groups += 1
+
+    def _check_space(self, nbytes: int, n: int) -> None:
+        try:
+            st = os.statvfs(os.path.dirname(self._tmp) or ".")
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        need = nbytes + FOOTER_RESERVE_BYTES + FOOTER_BYTES_PER_ROW_GROUP * (self._row_groups + 1)
+        if free < need:
+            raise DiskFullError(
+                f"output file system of {self.path} is nearly full ({free >> 10} KiB free, "
+                f"{need >> 10} KiB needed for {n} more events and the footer): "
+                f"stopped writing, {n} events not written")
 
     def close(self, meta: schema.TraceMeta) -> Path:
         """Finish the file with its metadata and move it into place."""
         if self._writer is None:
             raise TraceFileError("trace writer is closed")
+        if self._broken:
+            self.abort()
+            raise TraceFileError(f"cannot write {self.path}: {self._broken}; the unfinished "
+                                 "file had no footer (unreadable) and was removed")
         w, self._writer = self._writer, None
         try:
             w.add_key_value_metadata({schema.META_KEY: _meta_bytes(meta)})
             w.close()
+            pq.ParquetFile(self._tmp)  # the footer is there: never rename a corrupt file
             _finish_tmp(self._tmp, self.path)
-        except OSError as e:
+        except (OSError, pa.ArrowException) as e:
             _unlink_quietly(self._tmp)
-            raise TraceFileError(f"cannot write {self.path}: {e.strerror or e}") from None
+            raise TraceFileError(f"cannot write {self.path}: {_one_line(e)}") from None
         return self.path
 
     def abort(self) -> None:
