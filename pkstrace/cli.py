@@ -72,8 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:  # Ctrl-C while the command modules load: no traceback
+        return 128 + signal.SIGINT
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
