@@ -268,7 +268,10 @@ def record(backend: Backend, out: str | os.PathLike[str], meta: schema.TraceMeta
             raise error
         raise PkstraceError(f"cannot start recording: {_one_line(error)}") from error
     try:
-        path = writer.close(meta)
+        # A signal while the footer is written would leave no trace at all: the
+        # stop handlers stay in place (a stop request now changes nothing).
+        with _Stopper():
+            path = writer.close(meta)
     except PkstraceError:
         writer.abort()
         raise
