@@ -117,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--duration must be >= 0")
     if os.geteuid() != 0:
         c = checks.check_root()
-        raise PrivilegeError(f"{c.detail}; run: {c.fix}")
+        raise PrivilegeError(f"{c.detail}; run: {c.fix} (without root: replay, report, "
+                             "import, export and emulate work)")
     out = Path(args.output)
     try:
         exists = out.exists()
@@ -135,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
                          sched_switch=not args.no_sched, mode=args.mode,
                          buffer_kb=args.buffer_kb)
     name, why = select.choose(args.backend, args.mode)
+    remove_dead_recorders_leftovers()
 
     host = hostfacts.collect()
     if args.isolated is not None:
@@ -183,6 +185,21 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print_summary(res.path)
     return res.exit_status
+
+
+def remove_dead_recorders_leftovers() -> None:
+    """What a recorder killed with SIGKILL left (its tracefs instance, kprobe events):
+    removed here as `pkstrace doctor --cleanup` would; only pkstrace-<pid> names of
+    pids that no longer run, nothing of other tools or of live recorders."""
+    from pkstrace.backends.tracefs import leftovers, remove_leftover
+
+    for kind, name, pid, alive in leftovers():
+        if alive:
+            continue
+        err = remove_leftover(kind, name)
+        print("pkstrace record: " + (f"could not remove {kind} {name}: {err}" if err else
+                                     f"removed {kind} {name} left by dead recorder {pid}"),
+              file=sys.stderr)
 
 
 def print_summary(path: Any) -> None:
