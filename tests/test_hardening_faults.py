@@ -1,0 +1,262 @@
+"""Faults while recording, on this machine's real kernel (root): signals at random
+moments, SIGKILL and the cleanup after it, a full or unwritable output file system,
+and an event flood above what the backend can stream.
+
+After every fault: the output is a valid trace (or, when the fault came before
+anything was recorded, absent with no half-written file), and nothing of the
+recorder stays attached: no tracefs instance or kprobe event of its pid, no BPF
+program it held in `bpftool prog show`.
+
+Moments are drawn from a seeded generator (PKSTRACE_FAULT_SEED, default 7) so a
+failure can be replayed; PKSTRACE_FAULT_TRIALS (default 1) repeats each case with
+new moments for longer campaigns.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_record_live import (
+    bpf_prog_ids_of,
+    bpftool_prog_ids,
+    need_backend,
+    our_leftovers,
+    workload_queue,
+)
+from workload import workload_command, workload_pid
+
+from pkstrace import tracefile
+from pkstrace.backends.tracefs import find_tracefs
+
+pytestmark = [pytest.mark.live]
+PKSTRACE = [sys.executable, "-m", "pkstrace"]
+BACKENDS = ("tracefs", "perf", "bcc")
+SEED = int(os.environ.get("PKSTRACE_FAULT_SEED", "7"))
+TRIALS = int(os.environ.get("PKSTRACE_FAULT_TRIALS", "1"))
+
+
+def start_recorder(out: Path, backend: str, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([*PKSTRACE, "record", "--backend", backend, "-o", str(out),
+                             "--no-status", "-q", *extra], stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+
+
+class StderrWatcher:
+    """Collects a process's stderr on a thread; ``wait_for`` a line without blocking it."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._pump, args=(proc,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+
+    def wait_for(self, needle: str, timeout: float = 120) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not any(needle in ln for ln in self.lines):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def text(self) -> str:
+        self._thread.join(10)
+        return "".join(self.lines)
+
+
+def held_prog_ids(pid: int) -> set[int]:
+    try:
+        return bpf_prog_ids_of(pid)
+    except FileNotFoundError:
+        return set()
+
+
+def assert_nothing_attached(pid: int, prog_ids: set[int]) -> None:
+    assert our_leftovers(pid) == [], our_leftovers(pid)
+    if prog_ids:
+        assert prog_ids.isdisjoint(bpftool_prog_ids()), "BPF programs still loaded"
+
+
+def assert_valid_or_absent(out: Path, stderr: str) -> Any:
+    """The trace is readable; or there is none and no half-written file either."""
+    partials = list(out.parent.glob(f".{out.name}.*.partial"))
+    if out.exists():
+        assert partials == [], partials
+        return tracefile.read_trace(out)
+    assert partials == [], f"half-written file left: {partials}; {stderr[-500:]}"
+    return None
+
+
+def assert_clean_exit(rc: int, stderr: str) -> None:
+    assert "Traceback" not in stderr, stderr[-3000:]
+    # 0: stopped and saved; 130/143: interrupted before recording began; 2: one-line error
+    assert rc in (0, 2, 128 + signal.SIGINT, 128 + signal.SIGTERM,
+                  -signal.SIGTERM), (rc, stderr[-1000:])
+    if rc == 2:
+        errors = [ln for ln in stderr.splitlines() if ": error: " in ln]
+        assert len(errors) == 1, stderr[-1000:]
+
+
+# ---------------------------------------------------------------------------
+# SIGINT / SIGTERM at random moments
+# ---------------------------------------------------------------------------
+
+PHASES = ("startup", "attach", "stream", "writeout")
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_signal_at_a_random_moment(backend: str, sig: signal.Signals, phase: str,
+                                   tmp_path: Path) -> None:
+    """startup: while Python imports and the backend is chosen; attach: while probes
+    attach (bcc compiles for seconds); stream: while a workload's events stream;
+    writeout: a second signal right after the first, while the recorder drains,
+    detaches and writes the file."""
+    need_backend(backend)
+    rng = random.Random(f"{SEED}-{backend}-{sig}-{phase}")
+    for trial in range(TRIALS):
+        out = tmp_path / f"t{trial}.pkstrace"
+        rec = start_recorder(out, backend)
+        watch = StderrWatcher(rec)
+        prog_ids: set[int] = set()
+        wpid = None
+        try:
+            if phase == "startup":
+                time.sleep(rng.uniform(0.0, 0.6))
+            elif phase == "attach":
+                assert watch.wait_for("pkstrace record: ", 120)  # the backend is chosen
+                time.sleep(rng.uniform(0.0, 1.5 if backend == "bcc" else 0.2))
+            else:
+                assert watch.wait_for("probes attached", 180), watch.lines
+                prog_ids = held_prog_ids(rec.pid)
+                w = subprocess.Popen(workload_command(3000), stdout=subprocess.PIPE, text=True)
+                time.sleep(rng.uniform(0.05, 0.8))
+                if phase == "writeout":
+                    w.wait(120)
+                    time.sleep(0.2)
+            rec.send_signal(sig)
+            if phase == "writeout":
+                time.sleep(rng.uniform(0.0, 0.3))
+                if rec.poll() is None:
+                    rec.send_signal(sig)
+            if phase in ("stream", "writeout"):
+                wout, _ = w.communicate(timeout=120)
+                wpid = workload_pid(wout)
+            rc = rec.wait(timeout=180)
+        finally:
+            if rec.poll() is None:
+                rec.kill()
+                rec.wait()
+        stderr = watch.text()
+        assert_clean_exit(rc, stderr)
+        assert_nothing_attached(rec.pid, prog_ids)
+        trace = assert_valid_or_absent(out, stderr)
+        if phase in ("stream", "writeout"):
+            assert trace is not None, stderr[-1000:]  # signalled after attach: kept
+            assert trace.meta.extra["record"]["stop_reason"] == sig.name
+            assert trace.meta.extra["record"]["cleanup_problems"] == []
+            if phase == "writeout":  # the workload ended before the signals: all of it
+                assert len(workload_queue(trace.events, wpid)) == 3000
+
+
+# ---------------------------------------------------------------------------
+# SIGKILL: the next `pkstrace record` / `pkstrace doctor --cleanup` cleans up
+# ---------------------------------------------------------------------------
+
+def _decoys(root: str, dead_pid: int, live_pid: int) -> list[str]:
+    """Instances that are not a dead pkstrace recorder's: other tools' names, a live
+    recorder's, and names that only look like ours."""
+    names = [f"perf-{dead_pid}", f"bpftrace_{dead_pid}", "trace-cmd", f"pkstrace-{live_pid}",
+             f"pkstrace-{dead_pid}x", f"pkstrace-{dead_pid}-1-extra", f"mytool-pkstrace-{dead_pid}"]
+    for n in names:
+        os.makedirs(f"{root}/instances/{n}", exist_ok=True)
+    return names
+
+
+def _remove_decoys(root: str, names: list[str]) -> None:
+    for n in names:
+        for _ in range(100):  # tracefs answers EBUSY while another instance comes or goes
+            try:
+                os.rmdir(f"{root}/instances/{n}")
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.05)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("cleaner", ["doctor", "record"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigkill_leftovers_removed_and_nothing_else(backend: str, cleaner: str,
+                                                    tmp_path: Path) -> None:
+    need_backend(backend)
+    root = find_tracefs()
+    assert root
+    rng = random.Random(f"{SEED}-kill-{backend}-{cleaner}")
+    out = tmp_path / "killed.pkstrace"
+    rec = start_recorder(out, backend)
+    watch = StderrWatcher(rec)
+    live = subprocess.Popen(["sleep", "600"])  # a running process: its pid is "alive"
+    decoys: list[str] = []
+    try:
+        assert watch.wait_for("probes attached", 180), watch.lines
+        prog_ids = held_prog_ids(rec.pid)
+        w = subprocess.run(workload_command(200), capture_output=True, timeout=120)
+        assert w.returncode == 0
+        time.sleep(rng.uniform(0.0, 0.5))
+        rec.kill()
+        rec.wait(30)
+        watch.text()
+        left = our_leftovers(rec.pid)
+        if backend == "tracefs":
+            assert left, "SIGKILL should leave the tracefs instance (else this test is void)"
+        else:  # BPF programs and perf events die with their process: nothing to clean
+            assert left == []
+            if prog_ids:
+                assert prog_ids.isdisjoint(bpftool_prog_ids())
+        decoys = _decoys(root, rec.pid, live.pid)
+        if cleaner == "doctor":
+            p = subprocess.run([*PKSTRACE, "doctor", "--cleanup"], capture_output=True,
+                               text=True, timeout=120)
+            assert p.returncode == 0, p.stderr
+            for name in left:
+                assert f"removed instance {name}" in p.stdout, p.stdout
+        else:
+            p = subprocess.run([*PKSTRACE, "record", "--backend", "tracefs", "-o",
+                                str(tmp_path / "next.pkstrace"), "-q", "--no-status", "-d",
+                                "0.5"], capture_output=True, text=True, timeout=180)
+            assert p.returncode == 0, p.stderr
+            for name in left:
+                assert f"removed instance {name}" in p.stderr, p.stderr
+            tracefile.read_trace(tmp_path / "next.pkstrace")
+        now = set(os.listdir(f"{root}/instances"))
+        assert not set(left) & now, set(left) & now
+        assert set(decoys) <= now, set(decoys) - now  # nothing that is not ours
+        # the killed recorder's half-written file is not a trace; its name says so
+        assert not out.exists()
+    finally:
+        live.kill()
+        live.wait()
+        _remove_decoys(root, decoys)
+        if rec.poll() is None:
+            rec.kill()
