@@ -68,7 +68,8 @@ def _header(f: Findings) -> list[str]:
     lines.append("  " + ", ".join(facts))
     lost = {k: v for k, v in (t.get("lost_events") or {}).items() if v}
     if lost:
-        lines.append("  lost events: " + ", ".join(f"CPU {k}: {v}" for k, v in lost.items()))
+        lines.append("  lost events: " + ", ".join(f"CPU {k}: {v}" for k, v in lost.items())
+                     + " (the kernel dropped them: every figure below is partial)")
     if t.get("unparsed_lines"):
         lines.append("  unparsed lines: " + ", ".join(
             f"{k}: {v}" for k, v in t["unparsed_lines"].items()))
