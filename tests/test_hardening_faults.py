@@ -260,3 +260,142 @@ def test_sigkill_leftovers_removed_and_nothing_else(backend: str, cleaner: str,
         _remove_decoys(root, decoys)
         if rec.poll() is None:
             rec.kill()
+
+
+# ---------------------------------------------------------------------------
+# Output disk full, output not writable
+# ---------------------------------------------------------------------------
+
+class SmallFs:
+    """A real tmpfs of ``size_kb`` at ``path``, filled until ``free_kb`` remain."""
+
+    def __init__(self, path: Path, size_kb: int, free_kb: int, options: str = "") -> None:
+        self.path = path
+        path.mkdir()
+        opts = f"size={size_kb}k" + (f",{options}" if options else "")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], check=True)
+        if "ro" not in options.split(","):
+            st = os.statvfs(path)
+            fill = st.f_bavail * st.f_frsize - free_kb * 1024
+            if fill > 0:
+                with open(path / "filler", "wb") as f:
+                    f.write(b"\0" * fill)
+
+    def close(self) -> None:
+        subprocess.run(["umount", str(self.path)], check=False)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_disk_full_keeps_a_valid_partial_trace(backend: str, tmp_path: Path) -> None:
+    need_backend(backend)
+    fs = SmallFs(tmp_path / "small", size_kb=8192, free_kb=2600)
+    out = fs.path / "t.pkstrace"
+    try:
+        rec = start_recorder(out, backend, "--", *workload_command(200_000))
+        watch = StderrWatcher(rec)
+        assert watch.wait_for("probes attached", 180), watch.lines
+        prog_ids = held_prog_ids(rec.pid)
+        rc = rec.wait(timeout=300)
+        stderr = watch.text()
+        assert rc == 2, stderr[-1000:]
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith("pkstrace record: error: output file system of"), last
+        assert "nearly full" in last and "partial trace of" in last, last
+        assert "Traceback" not in stderr
+        assert_nothing_attached(rec.pid, prog_ids)
+        trace = tracefile.read_trace(out)
+        assert trace.meta.partial and len(trace) > 0
+        assert any("nearly full" in n for n in trace.meta.notes)
+        assert list(fs.path.glob(".*.partial")) == []
+        # and the trace is usable as it is
+        p = subprocess.run([*PKSTRACE, "replay", str(out)], capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0 and "PARTIAL" in p.stdout, p.stderr
+    finally:
+        fs.close()
+
+
+@pytest.mark.parametrize("case", ["no_space_at_all", "read_only", "no_such_dir"])
+def test_unwritable_output_refused_before_attaching(case: str, tmp_path: Path) -> None:
+    need_backend("tracefs")
+    fs = None
+    if case == "no_space_at_all":
+        fs = SmallFs(tmp_path / "full", size_kb=1024, free_kb=0)
+        out = fs.path / "t.pkstrace"
+    elif case == "read_only":
+        fs = SmallFs(tmp_path / "ro", size_kb=1024, free_kb=0, options="ro")
+        out = fs.path / "t.pkstrace"
+    else:
+        out = tmp_path / "missing" / "t.pkstrace"
+    try:
+        p = subprocess.run([*PKSTRACE, "record", "--backend", "tracefs", "-o", str(out),
+                            "--no-status", "-q", "-d", "1"], capture_output=True, text=True,
+                           timeout=180)
+        assert p.returncode == 2, p.stderr
+        assert "Traceback" not in p.stderr
+        errors = [ln for ln in p.stderr.splitlines() if ": error: " in ln]
+        assert len(errors) == 1 and f"cannot write {out}" in errors[0], p.stderr
+        assert "probes attached" not in p.stderr  # refused before touching the kernel
+        assert not out.exists() and not list(out.parent.glob(".*.partial")) \
+            if out.parent.exists() else True
+    finally:
+        if fs:
+            fs.close()
+
+
+# ---------------------------------------------------------------------------
+# An event flood above what the backend can stream
+# ---------------------------------------------------------------------------
+
+def _peak_rss_kb(pid: int, stop: threading.Event, peak: list[int]) -> None:
+    while not stop.is_set():
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    peak[0] = max(peak[0], int(line.split()[1]))
+        except OSError:
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flood_counts_lost_events_bounded_memory(backend: str, tmp_path: Path) -> None:
+    """Tiny per-CPU buffers and cross-CPU calls in both directions for a few seconds:
+    far more events than fit. Lost events are counted, shown and kept in the trace,
+    the recorder's memory stays bounded, and the summary says the figures are partial."""
+    need_backend(backend)
+    out = tmp_path / "flood.pkstrace"
+    rec = start_recorder(out, backend, "--buffer-kb", "8", "-d", "6")
+    watch = StderrWatcher(rec)
+    stop, peak = threading.Event(), [0]
+    mon = threading.Thread(target=_peak_rss_kb, args=(rec.pid, stop, peak), daemon=True)
+    mon.start()
+    try:
+        assert watch.wait_for("probes attached", 180), watch.lines
+        loads = [subprocess.Popen(workload_command(60_000, target_cpu=t, source_cpu=s),
+                                  stdout=subprocess.DEVNULL)
+                 for s, t in ((0, 1), (1, 0))]
+        rc = rec.wait(timeout=300)
+        for w in loads:
+            w.kill()
+            w.wait()
+    finally:
+        stop.set()
+        if rec.poll() is None:
+            rec.kill()
+            rec.wait()
+    stderr = watch.text()
+    assert rc == 0, stderr[-1000:]
+    trace = tracefile.read_trace(out)
+    lost = sum(trace.meta.lost_events.values())
+    assert lost > 0, f"no events lost with 8 KB buffers ({len(trace)} kept): not a flood"
+    summary = [ln for ln in stderr.splitlines() if "written to" in ln][-1]
+    assert f", {lost} lost," in summary, summary
+    assert peak[0] < 1_500_000, f"recorder peak RSS {peak[0]} kB"
+    p = subprocess.run([*PKSTRACE, "replay", str(out)], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "lost events" in p.stdout and "partial" in p.stdout.lower(), p.stdout[:800]
+    print(f"{backend}: {len(trace)} events kept, {lost} lost, peak RSS {peak[0] // 1024} MB")
