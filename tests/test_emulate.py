@@ -288,6 +288,12 @@ def test_kernel_option_accepts_a_bzimage_and_finds_its_headers() -> None:
     other = kernel.kernel_from_path(k.vmlinuz)
     assert other.release == k.release
     assert other.headers == k.headers and other.buildable
+    # --kernel DEB: unpacked into the cache, headers found by release
+    deb = sorted((kernel.cache_dir() / "debs").glob(f"linux-image-{k.release}-unsigned_*.deb"))
+    if deb:
+        from_deb = kernel.kernel_from_path(deb[-1])
+        assert from_deb.release == k.release and from_deb.vmlinuz.exists()
+        assert from_deb.headers == k.headers
     with pytest.raises(kernel.EmulateError, match="neither a .deb nor an x86 bzImage"):
         kernel.kernel_from_path(FIXTURES / "ftrace_cpuid_2cpu.txt")
 
