@@ -327,3 +327,28 @@ def test_fresh_cache_as_unprivileged_user() -> None:
         assert trace.meta.ground_truth["remote_calls"] == 0
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.emulated
+def test_sigterm_stops_the_guest_too(tmp_path: Path) -> None:
+    """Killing `pkstrace emulate` must not leave its QEMU running."""
+    import signal
+    import time
+
+    p = subprocess.Popen([*PKSTRACE, "emulate", "--cpus", "2", "--scenario", "lazy",
+                          "-o", str(tmp_path / "t.pkstrace"), "-q"], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    children = Path(f"/proc/{p.pid}/task/{p.pid}/children")
+    qemu_pid = None
+    deadline = time.monotonic() + 600  # first use may download the kernel
+    while time.monotonic() < deadline and p.poll() is None and qemu_pid is None:
+        for pid in children.read_text().split():
+            if "qemu-system" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
+                qemu_pid = int(pid)
+        time.sleep(0.2)
+    assert qemu_pid, "QEMU never started"
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 128 + signal.SIGINT
+    assert not Path(f"/proc/{qemu_pid}").exists() or \
+        "qemu-system" not in Path(f"/proc/{qemu_pid}/cmdline").read_text(errors="replace")
+    assert not (tmp_path / "t.pkstrace").exists()

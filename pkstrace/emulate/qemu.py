@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +79,16 @@ def kernel_cmdline(isolated: str, extra: str = "") -> str:
     return " ".join(parts)
 
 
+def _term_raises():  # noqa: ANN202 - returns the previous handler or None
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, on_term)
+
+
 def boot(vmlinuz: Path, initrd: Path, cpus: int, append: str, workdir: Path,
          timeout_s: float, mem_mb: int | None = None) -> BootResult:
     if shutil.which(QEMU) is None:
@@ -94,6 +106,8 @@ def boot(vmlinuz: Path, initrd: Path, cpus: int, append: str, workdir: Path,
                                     stderr=subprocess.STDOUT)
         except OSError as e:
             raise EmulateError(f"cannot start {QEMU}: {e.strerror}") from None
+        # SIGTERM must not orphan the guest: turn it into an exception while we wait.
+        old_term = _term_raises()
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -104,6 +118,9 @@ def boot(vmlinuz: Path, initrd: Path, cpus: int, append: str, workdir: Path,
             proc.kill()
             proc.wait()
             raise
+        finally:
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
     wall = time.monotonic() - t0
     text = console.read_text(errors="replace")
     panic = PANIC_RE.search(text)
