@@ -18,9 +18,12 @@
  *                "headroom" that the imbalance then eats: the depth still
  *                falls by one per CPU walked, but never goes negative.
  *   v3-race      the same, with the writers running during the walk, so the
- *                unsynchronised remote cache stores race with local writes.
+ *                unsynchronised remote cache stores race with local writes
+ *                (race_delay_us between a store and its IPI widens the window).
  *   v3-raw       the v3 walk with no headroom: the preempt count goes
- *                negative and 6.12 panics. The panic is the result.
+ *                negative. On 6.12 under TCG that is "BUG: scheduling while
+ *                atomic" at the updater's next sleep, once per update; a walk
+ *                that allocated would panic. Either is the result.
  *   broadcast    one on_each_cpu_mask(); each CPU updates its own cache.
  *   lazy         no IPIs: a generation number; each CPU applies the new
  *                value at its next write_pkrs().
