@@ -296,14 +296,22 @@ def read_trace(path: str | os.PathLike[str], columns: list[str] | None = None,
         raise TraceFileError(f"{path}: trace lacks columns {missing[:5]}")
     cols = list(columns) if columns is not None else list(schema.COLUMN_NAMES)
     try:
-        table = pf.read(columns=cols)
         if low_memory:
-            df = table.to_pandas(ignore_metadata=True, self_destruct=True, split_blocks=True)
+            # one column at a time: the peak is the DataFrame plus one column's
+            # Arrow buffers, not two copies of everything
+            parts = {}
+            for c in cols:
+                one = pf.read(columns=[c])
+                parts[c] = one.to_pandas(ignore_metadata=True, self_destruct=True,
+                                         split_blocks=True)[c]
+                del one
+                pa.default_memory_pool().release_unused()  # hand them back to the OS
+            df = pd.DataFrame(parts, copy=False)
+            del parts
         else:
+            table = pf.read(columns=cols)
             df = table.to_pandas(ignore_metadata=True)
-        del table
-        if low_memory:
-            pa.default_memory_pool().release_unused()  # hand freed buffers back to the OS
+            del table
     except Exception as e:
         raise TraceFileError(f"{path}: corrupt or truncated trace file ({_one_line(e)})") from None
     try:
@@ -328,6 +336,11 @@ def _check_columns(df: pd.DataFrame) -> None:
                 bad = sorted(set(map(str, v.cat.categories)) - set(schema.KINDS))
                 if bad:
                     raise ValueError(f"unknown event kinds: {bad[:5]}")
-            df[name] = schema.normalize({"kind": v})["kind"]
+                if v.dtype != schema.KIND_DTYPE:
+                    # recode to the schema's categories (codes only: normalize() on
+                    # this one column would build a whole NA-filled table first)
+                    df[name] = pd.Categorical(v, dtype=schema.KIND_DTYPE)
+            else:
+                df[name] = schema.normalize({"kind": v})["kind"]
         elif c.dtype != "category" and df[name].dtype != c.dtype:
             df[name] = df[name].to_numpy().astype(c.dtype)
