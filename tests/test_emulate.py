@@ -196,9 +196,9 @@ def test_lazy_has_no_remote_calls_and_no_design_isolation_violations() -> None:
     assert len(design_calls(f)) == 0
     upd = f.calls[f.calls["comm"].astype(str) == truth.UPDATER_COMM]
     assert len(upd[~upd["local"].astype(bool)]) == 0  # the updater interrupts nobody
-    v = f.violations
-    assert len(v[truth._design(v)]) == 0
-    assert len(v[v["comm"].astype(str) == truth.UPDATER_COMM]) == 0
+    # no isolation violation at all: the tracer's own reader wake-ups and attach
+    # IPIs are the analysis's to recognise (they are not the design's)
+    assert len(f.violations) == 0, f.violations.head(10).to_string()
     # and every CPU with a writer picked the last value up lazily
     assert gt["lazy_applies"] > 0
 
@@ -217,7 +217,7 @@ def test_housekeeping_spares_isolated_cpus() -> None:
     calls = design_calls(f)
     assert len(calls) == trace.meta.ground_truth["remote_calls"] == 10 * 5  # CPUs 1-5
     assert not set(calls["target_cpu"]) & {6, 7}
-    assert len(f.violations[truth._design(f.violations)]) == 0
+    assert len(f.violations) == 0, f.violations.head(10).to_string()
 
 
 def test_v3_race_lost_updates_detected_as_many_as_counted() -> None:
