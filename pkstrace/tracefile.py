@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pandas as pd
 import pyarrow as pa
@@ -51,15 +52,97 @@ def _check_target(path: Path, force: bool) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise TraceFileError(f"cannot write {path}: directory {parent} does not exist")
+    check_invoker_may_write(path)
 
 
 def _open_tmp(path: Path) -> tuple[int, str]:
     parent = path.parent if str(path.parent) else Path(".")
     try:
+        # O_EXCL under a random name: a symlink planted beside the target is never followed
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=parent)
     except OSError as e:
         raise TraceFileError(f"cannot write {path}: {e.strerror or e}") from None
     return fd, tmp
+
+
+def _seal(fd: int) -> None:
+    """Final mode and owner, through the open file (a path could be swapped meanwhile)."""
+    os.fchmod(fd, 0o644)
+    ids = invoker()
+    if ids is not None:
+        try:
+            os.fchown(fd, *ids)
+        except OSError:
+            pass
+
+
+def invoker() -> tuple[int, int] | None:
+    """(uid, gid) of the user who ran ``sudo pkstrace ...``; None when not under sudo."""
+    uid, gid = os.environ.get("SUDO_UID"), os.environ.get("SUDO_GID")
+    if os.geteuid() == 0 and uid and gid and uid.isdigit() and gid.isdigit() and int(uid):
+        return int(uid), int(gid)
+    return None
+
+
+def check_invoker_may_write(path: Path) -> None:
+    """Under sudo, write only where the invoking user could have written: a symlinked
+    directory (or a path) leading into /etc or another user's files is refused, as is
+    replacing another user's file in a sticky directory such as /tmp."""
+    ids = invoker()
+    if ids is None:
+        return
+    uid, gid = ids
+    parent = path.parent if str(path.parent) else Path(".")
+    if not _user_can_write_dir(str(parent), uid, gid):
+        raise TraceFileError(f"cannot write {path}: running under sudo, and the invoking user "
+                             f"(uid {uid}) could not write in {os.path.realpath(parent)}")
+    try:
+        st_dir, st = os.stat(parent), os.lstat(path)
+    except OSError:
+        return
+    if st_dir.st_mode & stat.S_ISVTX and uid not in (st.st_uid, st_dir.st_uid):
+        raise TraceFileError(f"cannot write {path}: it belongs to uid {st.st_uid} in a sticky "
+                             f"directory, and the invoking user is uid {uid}")
+
+
+def _user_can_write_dir(directory: str, uid: int, gid: int) -> bool:
+    """Ask the kernel, as that user (a forked child drops to uid/gid and its groups):
+    search permission on every parent, write permission, ACLs all count."""
+    import pwd
+
+    try:
+        groups = os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)
+    except KeyError:
+        groups = [gid]
+    pid = os.fork()
+    if pid == 0:  # the child only makes system calls, then _exit
+        try:
+            os.setgroups(groups)
+            os.setgid(gid)
+            os.setuid(uid)
+            os._exit(0 if os.access(directory, os.W_OK | os.X_OK) else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+def create_output(path: str | os.PathLike[str], mode: str = "wb") -> tuple[IO[Any], str]:
+    """Start writing an output file (report, export, bench): a new temporary file beside
+    ``path``, opened; :func:`finish_output` moves it into place. Created with O_EXCL
+    (never through a planted symlink) and, under sudo, only where the invoking user
+    could write; finished with mode 0644, owned by that user."""
+    path = Path(path)
+    check_invoker_may_write(path)
+    fd, tmp = _open_tmp(path)
+    return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})), tmp
+
+
+def finish_output(f: IO[Any], tmp: str, path: str | os.PathLike[str]) -> None:
+    f.flush()
+    _seal(f.fileno())
+    f.close()
+    os.replace(tmp, path)
 
 
 def _finish_tmp(tmp: str, path: Path) -> None:
@@ -70,10 +153,10 @@ def _finish_tmp(tmp: str, path: Path) -> None:
 
 def _chown_to_invoker(p: str) -> None:
     """Under sudo, hand the file to the user who ran sudo (as perf does not, but should)."""
-    uid, gid = os.environ.get("SUDO_UID"), os.environ.get("SUDO_GID")
-    if os.geteuid() == 0 and uid and gid and uid.isdigit() and gid.isdigit():
+    ids = invoker()
+    if ids is not None:
         try:
-            os.chown(p, int(uid), int(gid), follow_symlinks=False)
+            os.chown(p, *ids, follow_symlinks=False)
         except OSError:
             pass
 
@@ -86,10 +169,12 @@ def write_trace(path: str | os.PathLike[str], trace: schema.Trace, force: bool =
     table = _table(trace.events)
     table = table.replace_schema_metadata({schema.META_KEY: _meta_bytes(trace.meta)})
     fd, tmp = _open_tmp(path)
-    os.close(fd)
     try:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
-        _finish_tmp(tmp, path)
+        with os.fdopen(fd, "wb") as f:
+            pq.write_table(table, f, compression="zstd", row_group_size=row_group_size)
+            f.flush()
+            _seal(f.fileno())
+        os.replace(tmp, path)
     except OSError as e:
         _unlink_quietly(tmp)
         raise TraceFileError(f"cannot write {path}: {e.strerror or e}") from None
@@ -97,6 +182,13 @@ def write_trace(path: str | os.PathLike[str], trace: schema.Trace, force: bool =
         _unlink_quietly(tmp)
         raise
     return path
+
+
+def _close_quietly(f: IO[Any]) -> None:
+    try:
+        f.close()
+    except OSError:  # ENOSPC flushing what is buffered: the file is discarded anyway
+        pass
 
 
 def _unlink_quietly(p: str) -> None:
@@ -132,16 +224,24 @@ class TraceWriter:
         self.path = Path(path)
         _check_target(self.path, force)
         fd, self._tmp = _open_tmp(self.path)
-        os.close(fd)
+        self._file = os.fdopen(fd, "wb")
         self.rows = 0
         self._row_groups = 0
         self._broken = ""  # why an earlier write failed
+        writer = None
         try:
-            self._writer: pq.ParquetWriter | None = pq.ParquetWriter(
-                self._tmp, schema.arrow_schema(), compression="zstd")
+            writer = pq.ParquetWriter(self._file, schema.arrow_schema(), compression="zstd")
+            self._file.flush()  # the header now: a full disk is found before attaching
         except OSError as e:
+            if writer is not None:  # closed now, or its __del__ prints a traceback later
+                try:
+                    writer.close()
+                except Exception:  # noqa: BLE001 - the file is discarded
+                    pass
+            _close_quietly(self._file)
             _unlink_quietly(self._tmp)
             raise TraceFileError(f"cannot write {self.path}: {e.strerror or e}") from None
+        self._writer: pq.ParquetWriter | None = writer
 
     @property
     def tmp_path(self) -> str:
@@ -155,27 +255,38 @@ class TraceWriter:
         if len(events) == 0:
             return
         table = _table(events)
-        self._check_space(table.nbytes, len(events))
+        room = self._room()
+        if room is not None and table.nbytes > room:
+            # Keep what fits (Arrow's size over-estimates the compressed one), then stop.
+            k = int(len(table) * room / table.nbytes) if room > 0 else 0
+            if k > 0:
+                self._write_table(table.slice(0, k))
+            raise DiskFullError(
+                f"output file system of {self.path} is nearly full ({room >> 10} KiB left "
+                f"besides {self._reserve() >> 10} KiB kept for the footer): stopped writing, "
+                f"{len(table) - k} events not written")
+        self._write_table(table)
+
+    def _write_table(self, table: pa.Table) -> None:
+        assert self._writer is not None
         try:
             self._writer.write_table(table)
         except OSError as e:
             self._broken = _one_line(e)
             raise TraceFileError(f"cannot write {self.path}: {e.strerror or e}") from None
-        self.rows += len(events)
+        self.rows += len(table)
         self._row_groups += 1
 
-    def _check_space(self, nbytes: int, n: int) -> None:
+    def _reserve(self) -> int:
+        return FOOTER_RESERVE_BYTES + FOOTER_BYTES_PER_ROW_GROUP * (self._row_groups + 1)
+
+    def _room(self) -> int | None:
+        """Bytes that batches may still use on the output file system (None: unknown)."""
         try:
             st = os.statvfs(os.path.dirname(self._tmp) or ".")
         except OSError:
-            return
-        free = st.f_bavail * st.f_frsize
-        need = nbytes + FOOTER_RESERVE_BYTES + FOOTER_BYTES_PER_ROW_GROUP * (self._row_groups + 1)
-        if free < need:
-            raise DiskFullError(
-                f"output file system of {self.path} is nearly full ({free >> 10} KiB free, "
-                f"{need >> 10} KiB needed for {n} more events and the footer): "
-                f"stopped writing, {n} events not written")
+            return None
+        return st.f_bavail * st.f_frsize - self._reserve()
 
     def close(self, meta: schema.TraceMeta) -> Path:
         """Finish the file with its metadata and move it into place."""
@@ -189,9 +300,13 @@ class TraceWriter:
         try:
             w.add_key_value_metadata({schema.META_KEY: _meta_bytes(meta)})
             w.close()
+            self._file.flush()
+            _seal(self._file.fileno())
+            self._file.close()
             pq.ParquetFile(self._tmp)  # the footer is there: never rename a corrupt file
-            _finish_tmp(self._tmp, self.path)
+            os.replace(self._tmp, self.path)
         except (OSError, pa.ArrowException) as e:
+            _close_quietly(self._file)
             _unlink_quietly(self._tmp)
             raise TraceFileError(f"cannot write {self.path}: {_one_line(e)}") from None
         return self.path
@@ -204,6 +319,7 @@ class TraceWriter:
             except Exception:
                 pass
             self._writer = None
+        _close_quietly(self._file)
         _unlink_quietly(self._tmp)
 
     def __enter__(self) -> TraceWriter:
