@@ -514,3 +514,23 @@ def test_live_tracefs_capture(require_tracefs: Path, require_cross_cpu: None) ->
     calls = df[(df["kind"] == "csd_queue") & (df["func"] == "cpuid_smp_cpuid")]
     assert len(calls) == 25 and set(calls["target_cpu"]) == {1}
     assert (calls["pid"] == os.getpid()).all() and stats.unparsed_lines == {}
+
+
+def test_ipi_send_cpumask_hex_bitmap_becomes_cpu_list(tmp_path):
+    # tracefs prints __get_cpumask() as a hex bitmap of 32-bit words (6.12 guest, 6.18 host);
+    # other tools print a CPU list. Both end up as a CPU list in the cpumask column.
+    p = tmp_path / "cpumask.txt"
+    p.write_text(
+        "# tracer: nop\n#\n"
+        "  pks_updater-194   [000] ...1.    18.421133: ipi_send_cpumask: "
+        "cpumask=00000000,000000fe callsite=smp_call_function_many_cond+0x1a0/0x4d0 "
+        "callback=generic_smp_call_function_interrupt+0x0/0x20\n"
+        "  pks_updater-194   [000] ...1.    18.421134: ipi_send_cpumask: "
+        "cpumask=00000003 callsite=x+0x1/0x2 callback=y+0x0/0x20\n"
+        "  pks_updater-194   [000] ...1.    18.421135: ipi_send_cpumask: "
+        "cpumask=2-3,6 callsite=x+0x1/0x2 callback=y+0x0/0x20\n")
+    from pkstrace.importers import open_trace
+
+    t = open_trace(p)
+    assert t.events["cpumask"].astype(str).tolist() == ["1-7", "0-1", "2-3,6"]
+    assert not t.meta.unparsed_lines

@@ -390,7 +390,7 @@ ARG_PATTERNS: dict[str, list[str]] = {
     "ipi_send_cpu": [rf"^cpu=(?P<target_cpu>\d+),? callsite=(?P<callsite>{_SYM}),? "
                      rf"callback=(?P<func>{_SYM})\s*$"],
     "ipi_send_cpumask": [
-        rf"^cpumask=(?P<cpumask>[0-9,\-]*),? callsite=(?P<callsite>{_SYM}),? "
+        rf"^cpumask=(?P<cpumask>[0-9a-fA-F,\-]*),? callsite=(?P<callsite>{_SYM}),? "
         rf"callback=(?P<func>{_SYM})\s*$",
         # perf/libtraceevent cannot print __get_cpumask(): raw bitmap bytes instead
         r"^(?:\[FAILED TO PARSE\] )?cpumask=(?P<_cpumask_array>ARRAY\[[^\]]*\]),? "
@@ -449,6 +449,30 @@ def _cpumask_from_array(arr: pa.Array) -> list[str]:
             cpus.extend(i * 8 + bit for bit in range(8) if b >> bit & 1)
         out.append(schema.format_cpulist(cpus))
     return out
+
+
+def _cpumask_from_text(arr: pa.Array) -> pa.Array:
+    """tracefs prints ``__get_cpumask()`` as a hex bitmap ("00000000,000000fe": 32-bit
+    words, most significant first); other tools print a CPU list ("1-7"). Both -> list."""
+    d = pc.dictionary_encode(arr)
+    if isinstance(d, pa.ChunkedArray):
+        d = d.combine_chunks()
+    lists = []
+    for text in d.dictionary.to_pylist():  # distinct masks only: few
+        text = text or ""
+        words = text.split(",")
+        if "-" not in text and text and (
+                all(len(w) == 8 for w in words) or re.search(r"[a-fA-F]", text)):
+            try:
+                bits = int("".join(w.zfill(8) for w in words), 16)
+            except ValueError:
+                lists.append(text)
+                continue
+            lists.append(schema.format_cpulist(
+                [i for i in range(bits.bit_length()) if bits >> i & 1]))
+        else:
+            lists.append(text)
+    return pa.DictionaryArray.from_arrays(d.indices, pa.array(lists, pa.string()))
 
 
 @dataclass
@@ -641,7 +665,7 @@ FAST_ARGS: dict[str, tuple[str, str | None, tuple[str, ...], tuple[int, ...]]] =
     "csd_function_exit": (r"^func=\S+, csd=\S+$", ", ", ("func", "csd"), (5, 4)),
     "ipi_send_cpu": (r"^cpu=\d{1,6} callsite=\S+ callback=\S+$", " ",
                      ("target_cpu", "callsite", "func"), (4, 9, 9)),
-    "ipi_send_cpumask": (r"^cpumask=[0-9,\-]* callsite=\S+ callback=\S+$", " ",
+    "ipi_send_cpumask": (r"^cpumask=[0-9a-fA-F,\-]* callsite=\S+ callback=\S+$", " ",
                          ("cpumask", "callsite", "func"), (8, 9, 9)),
     # comms without spaces (nearly all): 8 space-separated tokens
     "sched_switch": (r"^prev_comm=\S+ prev_pid=\d+ prev_prio=-?\d+ prev_state=\S+ ==> "
@@ -712,6 +736,8 @@ def _store(fields: dict[str, Any], rows: np.ndarray, kind: schema.Kind,
         v = v if all_good else v.filter(pa.array(good))
         if col == "_cpumask_array":
             str_cols["cpumask"].assign(rg, _cpumask_from_array(v))
+        elif col == "cpumask":
+            str_cols["cpumask"].assign(rg, _cpumask_from_text(v))
         elif col in ("callsite", "func"):
             str_cols[col].assign(rg, _normalise_symbols(v, is_func=col == "func"))
         else:
