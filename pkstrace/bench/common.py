@@ -13,7 +13,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -68,13 +67,14 @@ def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
         raise InputError(f"cannot write {path}: directory {parent} does not exist")
     if path.is_dir():
         raise InputError(f"cannot write {path}: it is a directory")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=parent)
+    from pkstrace.tracefile import create_output, finish_output
+
+    f, tmp = create_output(path, "w")  # under sudo: owned by the invoking user
     try:
-        with os.fdopen(fd, "w") as f:
+        with f:
             json.dump(doc, f, indent=1)
             f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+            finish_output(f, tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -86,12 +86,13 @@ def write_text_atomic(path: Path, text: str) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"cannot write {path}: directory {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=parent)
+    from pkstrace.tracefile import create_output, finish_output
+
+    f, tmp = create_output(path, "w")  # under sudo: owned by the invoking user
     try:
-        with os.fdopen(fd, "w") as f:
+        with f:
             f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+            finish_output(f, tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

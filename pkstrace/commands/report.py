@@ -93,18 +93,24 @@ def analyse_file(path: str, isolated: list[int] | None,
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write atomically: a temporary file beside the target, renamed into place."""
+    """Write atomically: a temporary file beside the target, renamed into place
+    (created with O_EXCL, written through its descriptor; under sudo owned by the
+    invoking user: tracefile.create_output)."""
+    import contextlib
     import os
 
     from pkstrace.errors import PkstraceError
+    from pkstrace.tracefile import create_output, finish_output
 
-    tmp = path.with_name(f".{path.name}.partial")
+    f, tmp = create_output(path, "w")
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        f.write(text)
+        finish_output(f, tmp, path)
     except OSError as e:
+        with contextlib.suppress(OSError):
+            f.close()
         try:
-            tmp.unlink()
+            os.unlink(tmp)
         except OSError:
             pass
         raise PkstraceError(f"cannot write {path}: {e.strerror or e}") from None

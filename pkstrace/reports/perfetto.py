@@ -31,6 +31,7 @@ import pandas as pd
 
 from pkstrace import schema
 from pkstrace.analysis.findings import Findings
+from pkstrace.tracefile import create_output, finish_output
 
 PID = 1
 FLOW_CAT = "csd"
@@ -274,13 +275,14 @@ def write_perfetto(path: str | os.PathLike[str], trace: schema.Trace,
     path = Path(path)
     origin = origin_ns(trace, findings)
     counts = {"metadata": 0, "slices": 0, "flows": 0, "counters": 0, "instants": 0}
-    tmp = path.with_name(f".{path.name}.partial")
+    # O_EXCL temp file, written through its descriptor, owned by the sudo user
+    out_file, tmp = create_output(path, "w")
     other = {"pkstrace": {"origin_ns": origin, "source": trace.meta.source,
                           "backend": trace.meta.backend, "clock": trace.meta.clock,
                           "host": trace.meta.host.get("hostname", ""),
                           "isolated_cpus": list(findings.isolated_cpus)}}
     try:
-        with open(tmp, "w", encoding="utf-8") as out:
+        with out_file as out:
             out.write('{"displayTimeUnit":"ns","otherData":' + json.dumps(other)
                       + ',"traceEvents":[\n')
             first = True
@@ -310,7 +312,7 @@ def write_perfetto(path: str | os.PathLike[str], trace: schema.Trace,
             for rows in _violation_rows(findings.violations, origin):
                 counts["instants"] += emit(rows)
             out.write("\n]}\n")
-        os.replace(tmp, path)
+            finish_output(out, tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from pkstrace.analysis.findings import Findings
 from pkstrace.errors import PkstraceError
+from pkstrace.tracefile import create_output, finish_output
 
 FORMATS = ("csv", "parquet")
 
@@ -110,23 +111,34 @@ def write_tables(f: Findings, out_dir: str | os.PathLike[str], fmt: str,
     written = []
     for name, df in tables.items():
         path = targets[name]
-        tmp = path.with_name(f".{path.name}.partial")
+        # O_EXCL temp file, written through its descriptor, owned by the sudo user
+        f, tmp_name = create_output(path, "w" if fmt == "csv" else "wb")
+        tmp = Path(tmp_name)
         try:
             if fmt == "csv":
-                df.to_csv(tmp, index=False)
+                df.to_csv(f, index=False)
             else:
                 table = pa.Table.from_pandas(_arrow_ready(df), preserve_index=False)
-                pq.write_table(table, tmp, compression="zstd")
-            os.replace(tmp, path)
+                pq.write_table(table, f, compression="zstd")
+            finish_output(f, tmp_name, path)
         except OSError as e:
+            _close_quietly(f)
             _unlink(tmp)
             raise ExportError(f"cannot write {path}: {e.strerror or e}") from None
         except (pa.ArrowException, ValueError, TypeError) as e:
+            _close_quietly(f)
             _unlink(tmp)
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise ExportError(f"cannot write table {name}: {msg}") from None
         written.append(path)
     return written
+
+
+def _close_quietly(f: Any) -> None:
+    try:
+        f.close()
+    except OSError:
+        pass
 
 
 def _unlink(p: Path) -> None:
