@@ -138,6 +138,20 @@ def create_output(path: str | os.PathLike[str], mode: str = "wb") -> tuple[IO[An
     return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})), tmp
 
 
+def create_output_dir(path: str | os.PathLike[str]) -> None:
+    """A directory for several outputs (export csv/parquet): under sudo, only where the
+    invoking user could create it, and then owned by that user."""
+    path = Path(path)
+    if path.is_dir():
+        check_invoker_may_write(path / "x")
+        return
+    check_invoker_may_write(path)
+    path.mkdir(parents=True, exist_ok=True)
+    ids = invoker()
+    if ids is not None:
+        os.chown(path, *ids, follow_symlinks=False)
+
+
 def finish_output(f: IO[Any], tmp: str, path: str | os.PathLike[str]) -> None:
     f.flush()
     _seal(f.fileno())

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from pkstrace.analysis.findings import Findings
 from pkstrace.errors import PkstraceError
-from pkstrace.tracefile import create_output, finish_output
+from pkstrace.tracefile import create_output, create_output_dir, finish_output
 
 FORMATS = ("csv", "parquet")
 
@@ -105,7 +105,7 @@ def write_tables(f: Findings, out_dir: str | os.PathLike[str], fmt: str,
         if clash:
             raise ExportError(f"{clash[0]} exists (use --force to overwrite)")
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        create_output_dir(out)  # under sudo: the invoking user's directory
     except OSError as e:
         raise ExportError(f"cannot create {out}: {e.strerror or e}") from None
     written = []
