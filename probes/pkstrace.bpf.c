@@ -11,6 +11,11 @@
 //                (target cpu, func) in `calls`; queue -> entry latency matched by
 //                csd pointer in `inflight`, as log2 histograms in `latency`.
 //
+// Every probe returns 1: a BPF program attached to a tracepoint through perf
+// that returns 0 makes the kernel skip that tracepoint's perf events for
+// everyone (perf_trace_run_bpf_submit), so `perf record` (or pkstrace's perf
+// backend) running at the same time would silently see nothing.
+//
 // The Python side defines: MSR_KEEP(m) and CPU_KEEP(c) (filters), RINGBUF_PAGES,
 // and one KIND_* per schema kind; the event layout below is mirrored by a numpy
 // dtype there (keep them in step).
@@ -130,18 +135,18 @@ static __always_inline struct event_t *new_event(u32 kind)
 static __always_inline int msr_event(u32 kind, u32 msr, u64 val, int failed)
 {
     if (!recording_on() || !CPU_KEEP(bpf_get_smp_processor_id()) || !MSR_KEEP(msr))
-        return 0;
+        return 1;
     count_event(kind, msr);
 #ifdef WANT_EVENTS
     struct event_t *e = new_event(kind);
     if (!e)
-        return 0;
+        return 1;
     e->msr = msr;
     e->value = val;
     e->failed = failed;
     events.ringbuf_submit(e, 0);
 #endif
-    return 0;
+    return 1;
 }
 
 TRACEPOINT_PROBE(msr, write_msr)
@@ -160,7 +165,7 @@ TRACEPOINT_PROBE(csd, csd_queue_cpu)
 {
     u32 cpu = bpf_get_smp_processor_id();
     if (!recording_on() || !CPU_KEEP(cpu))
-        return 0;
+        return 1;
     count_event(KIND_CSD_QUEUE, 0xffffffff);
 #ifdef WANT_COUNTS
     struct call_key_t ck = {.func = (u64)args->func, .target_cpu = args->cpu};
@@ -178,21 +183,21 @@ TRACEPOINT_PROBE(csd, csd_queue_cpu)
 #ifdef WANT_EVENTS
     struct event_t *e = new_event(KIND_CSD_QUEUE);
     if (!e)
-        return 0;
+        return 1;
     e->target_cpu = args->cpu;
     e->callsite = (u64)args->callsite;
     e->func = (u64)args->func;
     e->csd = (u64)args->csd;
     events.ringbuf_submit(e, 0);
 #endif
-    return 0;
+    return 1;
 }
 
 TRACEPOINT_PROBE(csd, csd_function_entry)
 {
     u32 cpu = bpf_get_smp_processor_id();
     if (!recording_on() || !CPU_KEEP(cpu))
-        return 0;
+        return 1;
     count_event(KIND_CSD_ENTRY, 0xffffffff);
 #ifdef WANT_COUNTS
     u64 csd = (u64)args->csd;
@@ -215,80 +220,80 @@ TRACEPOINT_PROBE(csd, csd_function_entry)
 #ifdef WANT_EVENTS
     struct event_t *e = new_event(KIND_CSD_ENTRY);
     if (!e)
-        return 0;
+        return 1;
     e->func = (u64)args->func;
     e->csd = (u64)args->csd;
     events.ringbuf_submit(e, 0);
 #endif
-    return 0;
+    return 1;
 }
 
 TRACEPOINT_PROBE(csd, csd_function_exit)
 {
     if (!recording_on() || !CPU_KEEP(bpf_get_smp_processor_id()))
-        return 0;
+        return 1;
     count_event(KIND_CSD_EXIT, 0xffffffff);
 #ifdef WANT_EVENTS
     struct event_t *e = new_event(KIND_CSD_EXIT);
     if (!e)
-        return 0;
+        return 1;
     e->func = (u64)args->func;
     e->csd = (u64)args->csd;
     events.ringbuf_submit(e, 0);
 #endif
-    return 0;
+    return 1;
 }
 
 #ifdef WITH_IPI
 TRACEPOINT_PROBE(ipi, ipi_send_cpu)
 {
     if (!recording_on() || !CPU_KEEP(bpf_get_smp_processor_id()))
-        return 0;
+        return 1;
     count_event(KIND_IPI_SEND, 0xffffffff);
 #ifdef WANT_EVENTS
     struct event_t *e = new_event(KIND_IPI_SEND);
     if (!e)
-        return 0;
+        return 1;
     e->target_cpu = args->cpu;
     e->callsite = (u64)args->callsite;
     e->func = (u64)args->callback;
     events.ringbuf_submit(e, 0);
 #endif
-    return 0;
+    return 1;
 }
 
 TRACEPOINT_PROBE(ipi, ipi_send_cpumask)
 {
     if (!recording_on() || !CPU_KEEP(bpf_get_smp_processor_id()))
-        return 0;
+        return 1;
     count_event(KIND_IPI_SEND, 0xffffffff);
 #ifdef WANT_EVENTS
     struct event_t *e = new_event(KIND_IPI_SEND);
     if (!e)
-        return 0;
+        return 1;
     unsigned short off = args->data_loc_cpumask & 0xFFFF;
     bpf_probe_read_kernel(&e->cpumask, sizeof(e->cpumask), (void *)args + off);
     e->callsite = (u64)args->callsite;
     e->func = (u64)args->callback;
     events.ringbuf_submit(e, 0);
 #endif
-    return 0;
+    return 1;
 }
 #endif
 
 static __always_inline int callfunc_event(u32 kind, int vector)
 {
     if (!recording_on() || !CPU_KEEP(bpf_get_smp_processor_id()))
-        return 0;
+        return 1;
     count_event(kind, 0xffffffff);
 #ifdef WANT_EVENTS
     struct event_t *e = new_event(kind);
     if (!e)
-        return 0;
+        return 1;
     e->vector = vector;
     events.ringbuf_submit(e, 0);
 #endif
-    return 0;
+    return 1;
 }
 
 #ifdef WITH_CALLFUNC
@@ -317,12 +322,12 @@ TRACEPOINT_PROBE(irq_vectors, call_function_single_exit)
 TRACEPOINT_PROBE(sched, sched_switch)
 {
     if (!recording_on() || !CPU_KEEP(bpf_get_smp_processor_id()))
-        return 0;
+        return 1;
     count_event(KIND_SCHED_SWITCH, 0xffffffff);
 #ifdef WANT_EVENTS
     struct event_t *e = new_event(KIND_SCHED_SWITCH);
     if (!e)
-        return 0;
+        return 1;
     e->pid = args->prev_pid;
     bpf_probe_read_kernel(&e->comm, sizeof(e->comm), args->prev_comm);
     e->prev_state = args->prev_state;
@@ -330,7 +335,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
     bpf_probe_read_kernel(&e->next_comm, sizeof(e->next_comm), args->next_comm);
     events.ringbuf_submit(e, 0);
 #endif
-    return 0;
+    return 1;
 }
 #endif
 
@@ -339,32 +344,32 @@ TRACEPOINT_PROBE(sched, sched_switch)
 int kprobe_write_pkrs(struct pt_regs *ctx)
 {
     if (!recording_on() || !CPU_KEEP(bpf_get_smp_processor_id()))
-        return 0;
+        return 1;
     count_event(KIND_WRITE_PKRS, 0xffffffff);
 #ifdef WANT_EVENTS
     struct event_t *e = new_event(KIND_WRITE_PKRS);
     if (!e)
-        return 0;
+        return 1;
     e->value = (u32)PT_REGS_PARM1(ctx);
     events.ringbuf_submit(e, 0);
 #endif
-    return 0;
+    return 1;
 }
 
 // update_global_pkrs(int pkey, unsigned long prot) and friends
 int kprobe_global_update(struct pt_regs *ctx)
 {
     if (!recording_on() || !CPU_KEEP(bpf_get_smp_processor_id()))
-        return 0;
+        return 1;
     count_event(KIND_GLOBAL_UPDATE, 0xffffffff);
 #ifdef WANT_EVENTS
     struct event_t *e = new_event(KIND_GLOBAL_UPDATE);
     if (!e)
-        return 0;
+        return 1;
     e->pkey = (s16)(int)PT_REGS_PARM1(ctx);
     e->prot = PT_REGS_PARM2(ctx);
     events.ringbuf_submit(e, 0);
 #endif
-    return 0;
+    return 1;
 }
 #endif

@@ -461,3 +461,23 @@ def test_cpus_option_records_only_those_cpus(backend: str, tmp_path: Path) -> No
     assert len(ev) and set(ev["cpu"].unique()) == {1}
     entries = ev[(ev["kind"] == "csd_entry") & (ev["func"] == CALLED_FUNC)]
     assert len(entries) >= N  # the calls arrive on CPU 1; their queues (CPU 0) are not kept
+
+
+def test_perf_sees_events_while_the_bcc_backend_runs(tmp_path: Path) -> None:
+    """A BPF tracepoint program returning 0 hides the tracepoint from every perf
+    event; pkstrace's BPF probes return 1, so perf users keep their events."""
+    need_backend("bcc")
+    need_backend("perf")
+    rec = subprocess.Popen([*PKSTRACE, "record", "--backend", "bcc", "-o",
+                            str(tmp_path / "bcc.pkstrace"), "--no-status", "-q"],
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_line(rec, "probes attached")
+        out = tmp_path / "perf.pkstrace"
+        _, wpid = record_cli("perf", out)
+        assert len(workload_queue(tracefile.read_trace(out).events, wpid)) == N
+    finally:
+        rec.send_signal(signal.SIGINT)
+        rec.wait(timeout=60)
+    bcc_trace = tracefile.read_trace(tmp_path / "bcc.pkstrace")
+    assert len(workload_queue(bcc_trace.events, wpid)) == N

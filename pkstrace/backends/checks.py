@@ -315,6 +315,45 @@ def check_isolated() -> Check:
                  "boot with isolcpus=N nohz_full=N, pass --isolated LIST, or `pkstrace emulate`")
 
 
+def bpf_on_tracepoints(names: set[str], exclude_pid: int = -1) -> dict[str, list[int]]:
+    """Tracepoints (bare event names) with BPF programs attached through perf, by
+    whom (pids), from `bpftool perf list`. Such a program that returns 0 hides the
+    tracepoint from every perf event (the perf backend, `perf record`), not from
+    tracefs."""
+    tool = shutil.which("bpftool") or "/usr/sbin/bpftool"
+    if not os.path.exists(tool):
+        return {}
+    import json
+    import subprocess
+
+    try:
+        p = subprocess.run([tool, "-j", "perf", "list"], capture_output=True, text=True,
+                           timeout=10)
+        rows = json.loads(p.stdout or "[]")
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return {}
+    out: dict[str, list[int]] = {}
+    for r in rows:
+        tp = str(r.get("tracepoint", ""))
+        pid = int(r.get("pid", -1))
+        if r.get("fd_type") == "tracepoint" and tp in names and pid != exclude_pid:
+            out.setdefault(tp, [])
+            if pid not in out[tp]:
+                out[tp].append(pid)
+    return out
+
+
+def check_foreign_bpf() -> Check:
+    names = {e.partition(":")[2] for e in DEFAULT_EVENTS}
+    found = bpf_on_tracepoints(names)
+    if not found:
+        return Check("BPF programs on our tracepoints", OK, "none")
+    desc = ", ".join(f"{tp} (pid {','.join(map(str, p))})" for tp, p in sorted(found.items()))
+    return Check("BPF programs on our tracepoints", INFO,
+                 f"{desc}: the perf backend misses what these filter out",
+                 "use --backend tracefs or bcc while they run")
+
+
 def check_leftovers() -> Check:
     dead = [f"{k} {n}" for k, n, _pid, alive in leftovers() if not alive]
     if not dead:
@@ -330,7 +369,7 @@ def all_checks() -> list[Check]:
               check_fentry(), check_headers(), check_bcc(), check_perf(), check_bpftool()]
     checks += check_tracepoints()
     checks += check_kernel_functions((*schema.WRITE_PKRS_FUNCS, *schema.GLOBAL_UPDATE_FUNCS))
-    checks += [check_pks(), check_isolated(), check_leftovers()]
+    checks += [check_pks(), check_isolated(), check_foreign_bpf(), check_leftovers()]
     return checks
 
 

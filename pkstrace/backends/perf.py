@@ -138,6 +138,7 @@ class PerfBackend(Backend):
         self._graveyard: list[Any] = []
         self._stopped = False
         self.throttled: dict[int, int] = {}
+        self.foreign_bpf: dict[str, list[int]] = {}
 
     @property
     def clock(self) -> str:
@@ -205,6 +206,7 @@ class PerfBackend(Backend):
                                        "(use --backend tracefs for kprobes)"))
         if not self.sources:
             raise self._error("perf: no tracepoint could be opened")
+        self._foreign_bpf()
         # Events start counting when opened, one tracepoint after the other: the
         # first calls of a recording may show a queue without its entry. (Opening
         # them disabled and enabling them together through the pollfd fds lost
@@ -221,7 +223,24 @@ class PerfBackend(Backend):
                 pass
         return self._read_all()
 
+    def _foreign_bpf(self) -> None:
+        """Other processes' BPF programs on our tracepoints hide events from perf."""
+        from pkstrace.backends.checks import bpf_on_tracepoints
+
+        found = bpf_on_tracepoints({s.event for s in self.sources}, exclude_pid=os.getpid())
+        for tp, pids in found.items():
+            self.foreign_bpf.setdefault(tp, [])
+            self.foreign_bpf[tp] = sorted(set(self.foreign_bpf[tp]) | set(pids))
+
     def stop(self) -> None:
+        self._foreign_bpf()
+        if self.foreign_bpf:
+            self._notes.append(
+                "perf: other BPF programs were attached to " + ", ".join(
+                    f"{tp} (pid {','.join(map(str, p))})"
+                    for tp, p in sorted(self.foreign_bpf.items()))
+                + ": the kernel skips perf events where such a program returns 0, so "
+                "events of these tracepoints may be missing and are not counted as lost")
         self._stopped = True
         for src in self.sources:
             for fd in src.fds:
@@ -397,6 +416,7 @@ class PerfBackend(Backend):
     def extra(self) -> dict[str, Any]:
         return {"ring_pages_per_cpu_per_tracepoint": RING_PAGES,
                 "throttle_records": {str(k): v for k, v in self.throttled.items()},
+                "foreign_bpf": dict(self.foreign_bpf),
                 "lost_from": "event counts minus samples read" if self._stopped
                 else "PERF_RECORD_LOST"}
 
