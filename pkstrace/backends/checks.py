@@ -332,8 +332,12 @@ def bpf_on_tracepoints(names: set[str], exclude_pid: int = -1) -> dict[str, list
         rows = json.loads(p.stdout or "[]")
     except (OSError, ValueError, subprocess.TimeoutExpired):
         return {}
+    if not isinstance(rows, list):  # {"error": ...}: not root, or bpftool cannot list
+        return {}
     out: dict[str, list[int]] = {}
     for r in rows:
+        if not isinstance(r, dict):
+            continue
         tp = str(r.get("tracepoint", ""))
         pid = int(r.get("pid", -1))
         if r.get("fd_type") == "tracepoint" and tp in names and pid != exclude_pid:
