@@ -45,7 +45,7 @@ def _seeds(tmp: Path, harness: str) -> list[str]:
 def test_fuzz_harness_smoke(harness: str, tmp_path: Path) -> None:
     work = tmp_path / "corpus"
     work.mkdir()
-    cmd = [sys.executable, str(FUZZ / f"fuzz_{harness}.py"), "-atheris_runs=150",
+    cmd = [sys.executable, str(FUZZ / f"fuzz_{harness}.py"), "-atheris_runs=500",
            "-max_total_time=30", "-max_len=4096", "-rss_limit_mb=3072", "-timeout=30",
            f"-artifact_prefix={tmp_path}/", str(work), *_seeds(tmp_path, harness)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=500)

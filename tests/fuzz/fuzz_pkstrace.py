@@ -12,7 +12,7 @@ import sys
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["pkstrace"]):  # not pandas/pyarrow: slow, not ours
     import pkstrace.schema  # noqa: F401
     import pkstrace.tracefile  # noqa: F401
 

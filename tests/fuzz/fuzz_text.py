@@ -12,7 +12,7 @@ import sys
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["pkstrace"]):  # not pandas/pyarrow: slow, not ours
     import pkstrace.importers  # noqa: F401
     import pkstrace.importers.common  # noqa: F401
     import pkstrace.importers.ftrace_text  # noqa: F401
