@@ -49,6 +49,16 @@ def record_cli(backend: str, out: Path, *extra: str, calls: int = N,
     return p, workload_pid(p.stdout)
 
 
+def skip_if_perf_starved(meta, got: int, want: int) -> None:  # noqa: ANN001
+    """Another process's BPF program returning 0 on a tracepoint hides it from every
+    perf event (not from tracefs or our BPF): the perf backend cannot see those
+    events at all then, and says so in the trace."""
+    foreign = meta.extra.get("perf", {}).get("foreign_bpf") or {}
+    if got < want and foreign:
+        pytest.skip(f"other processes' BPF programs hide tracepoints from perf while this "
+                    f"test ran: {foreign}")
+
+
 def round_trips(p: subprocess.CompletedProcess[str]) -> np.ndarray:
     return np.asarray(workload_result(p.stdout)["round_trips_ns"], dtype=float)
 
@@ -121,6 +131,7 @@ def test_record_sees_every_cross_cpu_call(backend: str, tmp_path: Path) -> None:
     assert "kprobe:write_pkrs" in absent or "kprobe:write_pkrs" in attached
 
     queued = workload_queue(trace.events, wpid)
+    skip_if_perf_starved(meta, len(queued), N)
     # Events the kernel dropped must be reported, never silently missing: lost
     # per CPU, or (bcc) runs skipped by the BPF recursion guard while another
     # tool's BPF program ran on that CPU.
@@ -159,7 +170,9 @@ def test_backends_agree_on_the_workload(tmp_path: Path) -> None:
             continue
         out = tmp_path / f"{backend}.pkstrace"
         _, wpid = record_cli(backend, out, calls=N)
-        counts[backend] = len(workload_queue(tracefile.read_trace(out).events, wpid))
+        trace = tracefile.read_trace(out)
+        counts[backend] = len(workload_queue(trace.events, wpid))
+        skip_if_perf_starved(trace.meta, counts[backend], N)
     if len(counts) < 2:
         pytest.skip(f"needs two usable backends to compare, have {sorted(counts)}")
     # Every backend sees exactly the workload's N calls (background calls are
@@ -280,6 +293,7 @@ def test_signal_mid_recording_leaves_valid_trace_and_nothing_attached(
     assert trace.meta.extra["record"]["stop_reason"] == sig.name
     assert trace.meta.extra["record"]["cleanup_problems"] == []
     got = len(workload_queue(trace.events, wpid))
+    skip_if_perf_starved(trace.meta, got, 50)
     # All 50 calls, or the shortfall reported as lost (perf: the kernel throttled
     # sampling; the hits still counted), never silently missing.
     assert got == 50 or got + sum(trace.meta.lost_events.values()) >= 50, \
@@ -457,9 +471,11 @@ def test_cpus_option_records_only_those_cpus(backend: str, tmp_path: Path) -> No
     need_backend(backend)
     out = tmp_path / "cpu1.pkstrace"
     record_cli(backend, out, "--cpus", "1")
-    ev = tracefile.read_trace(out).events
-    assert len(ev) and set(ev["cpu"].unique()) == {1}
+    trace = tracefile.read_trace(out)
+    ev = trace.events
     entries = ev[(ev["kind"] == "csd_entry") & (ev["func"] == CALLED_FUNC)]
+    skip_if_perf_starved(trace.meta, len(entries), N)
+    assert len(ev) and set(ev["cpu"].unique()) == {1}
     assert len(entries) >= N  # the calls arrive on CPU 1; their queues (CPU 0) are not kept
 
 
@@ -475,7 +491,14 @@ def test_perf_sees_events_while_the_bcc_backend_runs(tmp_path: Path) -> None:
         _wait_for_line(rec, "probes attached")
         out = tmp_path / "perf.pkstrace"
         _, wpid = record_cli("perf", out)
-        assert len(workload_queue(tracefile.read_trace(out).events, wpid)) == N
+        perf_trace = tracefile.read_trace(out)
+        got = len(workload_queue(perf_trace.events, wpid))
+        foreign = perf_trace.meta.extra["perf"]["foreign_bpf"]
+        # Our bcc recorder is listed (its BPF is on the same tracepoints) and
+        # must not be what hides them; a third party's program may.
+        if got < N and set(sum(foreign.values(), [])) - {rec.pid}:
+            pytest.skip(f"a third process's BPF program hides tracepoints: {foreign}")
+        assert got == N, foreign
     finally:
         rec.send_signal(signal.SIGINT)
         rec.wait(timeout=60)
