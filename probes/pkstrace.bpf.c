@@ -7,9 +7,24 @@
 // Modes (both may be on in one program):
 //   WANT_EVENTS  every event into the BPF ring buffer `events`; a failed reserve
 //                counts into `lost` (per CPU).
-//   WANT_COUNTS  per-CPU counts by (kind, msr) in `counts`; cross-CPU calls by
+//   WANT_COUNTS  per-CPU counts in the array `counts`, indexed by
+//                kind * NSLOTS + MSR slot (slot 0: not an MSR event; 1..: the
+//                known MSRs, MSR_SLOT(m); OTHER_SLOT: any other MSR, also counted
+//                by number in the per-CPU hash `other_msrs`); cross-CPU calls by
 //                (target cpu, func) in `calls`; queue -> entry latency matched by
 //                csd pointer in `inflight`, as log2 histograms in `latency`.
+//
+// Cost is what this file is about (issue 6: counts mode at most half of
+// bpftrace's count() per event, events mode no more than it). Measured with
+// `pkstrace bench overhead` (benchmarks/README.md); what made the difference:
+//   - every probe does only its own work, filters are compile-time constants;
+//   - counts: a per-CPU array slot whose index is a constant for all but the
+//     MSR probes (the kernel inlines the lookup: no helper call, no hash, no lock);
+//   - events: a 64-byte record (was 128) written field by field (no memset), no
+//     bpf_get_current_comm() per event (only sched_switch carries names; the
+//     Python side maps pid -> comm from them), and no wake-up per record
+//     (BPF_RB_NO_WAKEUP: the reader polls on a timer; a wake-up is an irq_work
+//     self-IPI, itself an x2APIC ICR write = another msr:write_msr event here).
 //
 // Every probe returns 1: a BPF program attached to a tracepoint through perf
 // that returns 0 makes the kernel skip that tracepoint's perf events for
@@ -17,37 +32,53 @@
 // backend) running at the same time would silently see nothing.
 //
 // The Python side defines: MSR_KEEP(m) and CPU_KEEP(c) (filters), RINGBUF_PAGES,
-// and one KIND_* per schema kind; the event layout below is mirrored by a numpy
-// dtype there (keep them in step).
+// NSLOTS, OTHER_SLOT, MSR_SLOT(m), NKINDS, and one KIND_* per schema kind; the
+// event layout below is mirrored by a numpy dtype there (keep them in step).
 
 #include <uapi/linux/ptrace.h>
 
+#ifndef BPF_RB_NO_WAKEUP
+#define BPF_RB_NO_WAKEUP 1
+#endif
+
+// One record for every kind: a common head and a per-kind body.
+//   msr_*        a = value, i = msr, failed
+//   csd_queue    a = csd, b = callsite, c = func, i = target cpu
+//   csd_entry/exit a = csd, c = func
+//   ipi_send     b = callsite, c = callback, i = target cpu (cpu form) or
+//                a = first 64 CPUs of the mask, i = -1 (cpumask form)
+//   callfunc_*   i = vector
+//   write_pkrs   a = new value
+//   global_update b = prot, i = pkey
+//   sched_switch the `sw` body; head pid = prev_pid
 struct event_t {
     u64 ts;
-    u64 value;
-    u64 csd;
-    u64 callsite;
-    u64 func;
-    u64 prot;
-    u64 cpumask;        // ipi_send_cpumask: the first 64 CPUs
-    s64 prev_state;
-    u32 cpu;
     u32 pid;
-    s32 target_cpu;
-    s32 vector;
-    u32 msr;
-    s32 next_pid;
-    u16 kind;
-    s16 failed;
-    s16 pkey;
-    u16 pad;
-    char comm[16];
-    char next_comm[16];
+    u16 cpu;
+    u8 kind;
+    s8 failed;
+    union {
+        struct {
+            u64 a;
+            u64 b;
+            u64 c;
+            s32 i;
+            u32 pad;
+            u64 pad2[2];
+        } g;
+        struct {
+            s64 prev_state;
+            s32 next_pid;
+            u32 pad;
+            char prev_comm[16];
+            char next_comm[16];
+        } sw;
+    };
 };
 
-struct count_key_t {
+struct other_msr_key_t {
     u32 kind;
-    u32 msr;            // 0xffffffff when not an MSR event
+    u32 msr;
 };
 
 struct call_key_t {
@@ -57,7 +88,7 @@ struct call_key_t {
 };
 
 struct inflight_t {
-    u64 ts;
+    u64 ts;             // 0: consumed (its entry was seen)
     u64 func;
     u32 target_cpu;
     u32 source_cpu;
@@ -74,9 +105,13 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(lost, u64, 1);
 #endif
 #ifdef WANT_COUNTS
-BPF_PERCPU_HASH(counts, struct count_key_t, u64, 1024);
+BPF_PERCPU_ARRAY(counts, u64, NKINDS * NSLOTS);
+BPF_PERCPU_HASH(other_msrs, struct other_msr_key_t, u64, 1024);
 BPF_PERCPU_HASH(calls, struct call_key_t, u64, 4096);
-BPF_HASH(inflight, u64, struct inflight_t, 65536);
+// LRU: a csd lives on its caller's stack and is reused by that caller's next
+// call, so entries are updated in place and never deleted (a delete takes the
+// bucket lock); old stack addresses age out instead of filling the table.
+BPF_TABLE("lru_hash", u64, struct inflight_t, inflight, 65536);
 BPF_HASH(latency, struct hist_key_t, u64, 16384);
 BPF_PERCPU_ARRAY(unmatched, u64, 1);   // entries whose csd had no queue seen
 #endif
@@ -94,16 +129,19 @@ static __always_inline int recording_on(void)
     return on && *on;
 }
 
-static __always_inline void count_event(u32 kind, u32 msr)
+#define KEEP_CPU() (recording_on() && CPU_KEEP(bpf_get_smp_processor_id()))
+
+static __always_inline void count_at(u32 idx)
 {
 #ifdef WANT_COUNTS
-    struct count_key_t key = {.kind = kind, .msr = msr};
-    u64 zero = 0;
-    u64 *n = counts.lookup_or_try_init(&key, &zero);
+    u64 *n = counts.lookup(&idx);
     if (n)
         (*n)++;
 #endif
 }
+
+// A kind without an MSR: slot 0, the index is a compile-time constant.
+#define COUNT(kind) count_at((kind) * NSLOTS)
 
 #ifdef WANT_EVENTS
 static __always_inline struct event_t *new_event(u32 kind)
@@ -116,35 +154,46 @@ static __always_inline struct event_t *new_event(u32 kind)
             (*n)++;
         return 0;
     }
-    __builtin_memset(e, 0, sizeof(*e));
     e->ts = bpf_ktime_get_ns();
-    e->cpu = bpf_get_smp_processor_id();
     e->pid = (u32)bpf_get_current_pid_tgid();
+    e->cpu = bpf_get_smp_processor_id();
     e->kind = kind;
-    e->target_cpu = -1;
-    e->vector = -1;
-    e->next_pid = -1;
     e->failed = -1;
-    e->pkey = -1;
-    e->prev_state = -1;
-    bpf_get_current_comm(&e->comm, sizeof(e->comm));
     return e;
+}
+
+static __always_inline void put_generic(struct event_t *e, u64 a, u64 b, u64 c, s32 i)
+{
+    e->g.a = a;
+    e->g.b = b;
+    e->g.c = c;
+    e->g.i = i;
+    e->g.pad = 0;
+    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 #endif
 
 static __always_inline int msr_event(u32 kind, u32 msr, u64 val, int failed)
 {
-    if (!recording_on() || !CPU_KEEP(bpf_get_smp_processor_id()) || !MSR_KEEP(msr))
+    if (!KEEP_CPU() || !MSR_KEEP(msr))
         return 1;
-    count_event(kind, msr);
+#ifdef WANT_COUNTS
+    u32 slot = MSR_SLOT(msr);
+    count_at(kind * NSLOTS + slot);
+    if (slot == OTHER_SLOT) {
+        struct other_msr_key_t key = {.kind = kind, .msr = msr};
+        u64 zero = 0;
+        u64 *n = other_msrs.lookup_or_try_init(&key, &zero);
+        if (n)
+            (*n)++;
+    }
+#endif
 #ifdef WANT_EVENTS
     struct event_t *e = new_event(kind);
     if (!e)
         return 1;
-    e->msr = msr;
-    e->value = val;
     e->failed = failed;
-    events.ringbuf_submit(e, 0);
+    put_generic(e, val, 0, 0, msr);
 #endif
     return 1;
 }
@@ -163,10 +212,9 @@ TRACEPOINT_PROBE(msr, read_msr)
 
 TRACEPOINT_PROBE(csd, csd_queue_cpu)
 {
-    u32 cpu = bpf_get_smp_processor_id();
-    if (!recording_on() || !CPU_KEEP(cpu))
+    if (!KEEP_CPU())
         return 1;
-    count_event(KIND_CSD_QUEUE, 0xffffffff);
+    COUNT(KIND_CSD_QUEUE);
 #ifdef WANT_COUNTS
     struct call_key_t ck = {.func = (u64)args->func, .target_cpu = args->cpu};
     u64 zero = 0;
@@ -175,40 +223,48 @@ TRACEPOINT_PROBE(csd, csd_queue_cpu)
         (*n)++;
     u64 csd = (u64)args->csd;
     if (csd) {
-        struct inflight_t f = {.ts = bpf_ktime_get_ns(), .func = (u64)args->func,
-                               .target_cpu = args->cpu, .source_cpu = cpu};
-        inflight.update(&csd, &f);
+        u64 now = bpf_ktime_get_ns();
+        struct inflight_t *f = inflight.lookup(&csd);
+        if (f) {
+            // The csd is locked until its function has run, so its entry cannot
+            // be reading this slot now; ts last marks it live again.
+            f->func = (u64)args->func;
+            f->target_cpu = args->cpu;
+            f->source_cpu = bpf_get_smp_processor_id();
+            f->ts = now;
+        } else {
+            struct inflight_t nf = {.ts = now, .func = (u64)args->func,
+                                    .target_cpu = args->cpu,
+                                    .source_cpu = bpf_get_smp_processor_id()};
+            inflight.update(&csd, &nf);
+        }
     }
 #endif
 #ifdef WANT_EVENTS
     struct event_t *e = new_event(KIND_CSD_QUEUE);
     if (!e)
         return 1;
-    e->target_cpu = args->cpu;
-    e->callsite = (u64)args->callsite;
-    e->func = (u64)args->func;
-    e->csd = (u64)args->csd;
-    events.ringbuf_submit(e, 0);
+    put_generic(e, (u64)args->csd, (u64)args->callsite, (u64)args->func, args->cpu);
 #endif
     return 1;
 }
 
 TRACEPOINT_PROBE(csd, csd_function_entry)
 {
-    u32 cpu = bpf_get_smp_processor_id();
-    if (!recording_on() || !CPU_KEEP(cpu))
+    if (!KEEP_CPU())
         return 1;
-    count_event(KIND_CSD_ENTRY, 0xffffffff);
+    COUNT(KIND_CSD_ENTRY);
 #ifdef WANT_COUNTS
     u64 csd = (u64)args->csd;
     if (csd) {
         struct inflight_t *f = inflight.lookup(&csd);
-        if (f) {
-            u64 delta = bpf_ktime_get_ns() - f->ts;
-            struct hist_key_t hk = {.func = f->func, .target_cpu = cpu,
+        u64 queued = f ? f->ts : 0;
+        if (queued) {
+            u64 delta = bpf_ktime_get_ns() - queued;
+            struct hist_key_t hk = {.func = f->func, .target_cpu = bpf_get_smp_processor_id(),
                                     .slot = bpf_log2l(delta)};
+            f->ts = 0;
             latency.atomic_increment(hk);
-            inflight.delete(&csd);
         } else {
             int idx = 0;
             u64 *n = unmatched.lookup(&idx);
@@ -221,25 +277,21 @@ TRACEPOINT_PROBE(csd, csd_function_entry)
     struct event_t *e = new_event(KIND_CSD_ENTRY);
     if (!e)
         return 1;
-    e->func = (u64)args->func;
-    e->csd = (u64)args->csd;
-    events.ringbuf_submit(e, 0);
+    put_generic(e, (u64)args->csd, 0, (u64)args->func, -1);
 #endif
     return 1;
 }
 
 TRACEPOINT_PROBE(csd, csd_function_exit)
 {
-    if (!recording_on() || !CPU_KEEP(bpf_get_smp_processor_id()))
+    if (!KEEP_CPU())
         return 1;
-    count_event(KIND_CSD_EXIT, 0xffffffff);
+    COUNT(KIND_CSD_EXIT);
 #ifdef WANT_EVENTS
     struct event_t *e = new_event(KIND_CSD_EXIT);
     if (!e)
         return 1;
-    e->func = (u64)args->func;
-    e->csd = (u64)args->csd;
-    events.ringbuf_submit(e, 0);
+    put_generic(e, (u64)args->csd, 0, (u64)args->func, -1);
 #endif
     return 1;
 }
@@ -247,35 +299,31 @@ TRACEPOINT_PROBE(csd, csd_function_exit)
 #ifdef WITH_IPI
 TRACEPOINT_PROBE(ipi, ipi_send_cpu)
 {
-    if (!recording_on() || !CPU_KEEP(bpf_get_smp_processor_id()))
+    if (!KEEP_CPU())
         return 1;
-    count_event(KIND_IPI_SEND, 0xffffffff);
+    COUNT(KIND_IPI_SEND);
 #ifdef WANT_EVENTS
     struct event_t *e = new_event(KIND_IPI_SEND);
     if (!e)
         return 1;
-    e->target_cpu = args->cpu;
-    e->callsite = (u64)args->callsite;
-    e->func = (u64)args->callback;
-    events.ringbuf_submit(e, 0);
+    put_generic(e, 0, (u64)args->callsite, (u64)args->callback, args->cpu);
 #endif
     return 1;
 }
 
 TRACEPOINT_PROBE(ipi, ipi_send_cpumask)
 {
-    if (!recording_on() || !CPU_KEEP(bpf_get_smp_processor_id()))
+    if (!KEEP_CPU())
         return 1;
-    count_event(KIND_IPI_SEND, 0xffffffff);
+    COUNT(KIND_IPI_SEND);
 #ifdef WANT_EVENTS
     struct event_t *e = new_event(KIND_IPI_SEND);
     if (!e)
         return 1;
+    u64 mask = 0;
     unsigned short off = args->data_loc_cpumask & 0xFFFF;
-    bpf_probe_read_kernel(&e->cpumask, sizeof(e->cpumask), (void *)args + off);
-    e->callsite = (u64)args->callsite;
-    e->func = (u64)args->callback;
-    events.ringbuf_submit(e, 0);
+    bpf_probe_read_kernel(&mask, sizeof(mask), (void *)args + off);
+    put_generic(e, mask, (u64)args->callsite, (u64)args->callback, -1);
 #endif
     return 1;
 }
@@ -283,15 +331,14 @@ TRACEPOINT_PROBE(ipi, ipi_send_cpumask)
 
 static __always_inline int callfunc_event(u32 kind, int vector)
 {
-    if (!recording_on() || !CPU_KEEP(bpf_get_smp_processor_id()))
+    if (!KEEP_CPU())
         return 1;
-    count_event(kind, 0xffffffff);
+    COUNT(kind);
 #ifdef WANT_EVENTS
     struct event_t *e = new_event(kind);
     if (!e)
         return 1;
-    e->vector = vector;
-    events.ringbuf_submit(e, 0);
+    put_generic(e, 0, 0, 0, vector);
 #endif
     return 1;
 }
@@ -321,19 +368,29 @@ TRACEPOINT_PROBE(irq_vectors, call_function_single_exit)
 #ifdef WITH_SCHED
 TRACEPOINT_PROBE(sched, sched_switch)
 {
-    if (!recording_on() || !CPU_KEEP(bpf_get_smp_processor_id()))
+    if (!KEEP_CPU())
         return 1;
-    count_event(KIND_SCHED_SWITCH, 0xffffffff);
+    COUNT(KIND_SCHED_SWITCH);
 #ifdef WANT_EVENTS
-    struct event_t *e = new_event(KIND_SCHED_SWITCH);
-    if (!e)
+    struct event_t *e = events.ringbuf_reserve(sizeof(struct event_t));
+    if (!e) {
+        int zero = 0;
+        u64 *n = lost.lookup(&zero);
+        if (n)
+            (*n)++;
         return 1;
+    }
+    e->ts = bpf_ktime_get_ns();
     e->pid = args->prev_pid;
-    bpf_probe_read_kernel(&e->comm, sizeof(e->comm), args->prev_comm);
-    e->prev_state = args->prev_state;
-    e->next_pid = args->next_pid;
-    bpf_probe_read_kernel(&e->next_comm, sizeof(e->next_comm), args->next_comm);
-    events.ringbuf_submit(e, 0);
+    e->cpu = bpf_get_smp_processor_id();
+    e->kind = KIND_SCHED_SWITCH;
+    e->failed = -1;
+    e->sw.prev_state = args->prev_state;
+    e->sw.next_pid = args->next_pid;
+    e->sw.pad = 0;
+    bpf_probe_read_kernel(&e->sw.prev_comm, sizeof(e->sw.prev_comm), args->prev_comm);
+    bpf_probe_read_kernel(&e->sw.next_comm, sizeof(e->sw.next_comm), args->next_comm);
+    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 #endif
     return 1;
 }
@@ -343,15 +400,14 @@ TRACEPOINT_PROBE(sched, sched_switch)
 // write_pkrs(u32 new)
 int kprobe_write_pkrs(struct pt_regs *ctx)
 {
-    if (!recording_on() || !CPU_KEEP(bpf_get_smp_processor_id()))
+    if (!KEEP_CPU())
         return 1;
-    count_event(KIND_WRITE_PKRS, 0xffffffff);
+    COUNT(KIND_WRITE_PKRS);
 #ifdef WANT_EVENTS
     struct event_t *e = new_event(KIND_WRITE_PKRS);
     if (!e)
         return 1;
-    e->value = (u32)PT_REGS_PARM1(ctx);
-    events.ringbuf_submit(e, 0);
+    put_generic(e, (u32)PT_REGS_PARM1(ctx), 0, 0, -1);
 #endif
     return 1;
 }
@@ -359,16 +415,14 @@ int kprobe_write_pkrs(struct pt_regs *ctx)
 // update_global_pkrs(int pkey, unsigned long prot) and friends
 int kprobe_global_update(struct pt_regs *ctx)
 {
-    if (!recording_on() || !CPU_KEEP(bpf_get_smp_processor_id()))
+    if (!KEEP_CPU())
         return 1;
-    count_event(KIND_GLOBAL_UPDATE, 0xffffffff);
+    COUNT(KIND_GLOBAL_UPDATE);
 #ifdef WANT_EVENTS
     struct event_t *e = new_event(KIND_GLOBAL_UPDATE);
     if (!e)
         return 1;
-    e->pkey = (s16)(int)PT_REGS_PARM1(ctx);
-    e->prot = PT_REGS_PARM2(ctx);
-    events.ringbuf_submit(e, 0);
+    put_generic(e, 0, PT_REGS_PARM2(ctx), 0, (s32)PT_REGS_PARM1(ctx));
 #endif
     return 1;
 }
