@@ -8,8 +8,10 @@ trace), then times ``import_text`` (detect + parse + schema rows) on it.
     .venv/bin/python benchmarks/bench_import.py --smoke    # 50 k lines, 1 run
     nice -n -15 .venv/bin/python benchmarks/bench_import.py   # on a busy shared host
 
-Writes benchmarks/results/import.json (lines/s per format: median and all runs,
-plus the machine: nproc, CPU model, Python, pyarrow, git revision).
+Writes benchmarks/results/import.json, or $PKSTRACE_BENCH_RESULTS/import.json (what
+run_all.py --results-dir passes down), or -o PATH: lines/s per format (median and all
+runs, wall and CPU time, load average) plus the machine: nproc, CPU model, Python,
+pyarrow, git revision.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lines", type=int, default=2_000_000, help="input lines per format")
     ap.add_argument("--runs", type=int, default=5, help="timed runs per format (median reported)")
     ap.add_argument("--smoke", action="store_true", help="small quick run (50 k lines, 1 run)")
-    ap.add_argument("-o", "--output", default=str(ROOT / "benchmarks/results/import.json"))
+    results_dir = Path(os.environ.get("PKSTRACE_BENCH_RESULTS", ROOT / "benchmarks/results"))
+    ap.add_argument("-o", "--output", default=str(results_dir / "import.json"))
     args = ap.parse_args(argv)
     if args.smoke:
         args.lines, args.runs = 50_000, 1

@@ -534,3 +534,32 @@ def test_ipi_send_cpumask_hex_bitmap_becomes_cpu_list(tmp_path):
     t = open_trace(p)
     assert t.events["cpumask"].astype(str).tolist() == ["1-7", "0-1", "2-3,6"]
     assert not t.meta.unparsed_lines
+
+
+@pytest.mark.parametrize("name", ["ftrace_cpuid_2cpu.txt", "ftrace_tgid_cpuid_2cpu.txt",
+                                  "trace_cmd_report_cpuid_2cpu.txt",
+                                  "perf_script_cpuid_2cpu.txt"])
+def test_null_ipi_callback_is_na_not_0x0(name):
+    # A reschedule IPI has no callback: tracefs and perf print the NULL pointer as
+    # "callback=0x0". The schema's NA for a symbol is "" (what the bcc backend stores),
+    # so analysis never sees a function called "0x0".
+    text = (FIX / name).read_text()
+    n_null = len(re.findall(r"ipi_send_cpu: .*callback=0x0\s*$", text, re.M))
+    assert n_null >= 1  # the real capture has such lines
+    t = open_trace(FIX / name)
+    ipi = t.events[t.events["kind"] == "ipi_send"]
+    assert int((ipi["func"] == "").sum()) == n_null
+    for col in ("func", "callsite"):
+        assert "0x0" not in set(t.events[col].astype(str))
+
+
+def test_null_symbol_spellings_become_empty(tmp_path):
+    p = tmp_path / "null.txt"
+    line = ("            bash-3879    [000] ...1.   200.9259{i:02d}: ipi_send_cpu: cpu=1 "
+            "callsite={cs} callback={cb}\n")
+    spellings = ["0x0", "0", "(null)", "0x0000000000000000", "f+0x0/0x10"]
+    p.write_text("".join(line.format(i=i, cs="x+0x1/0x2", cb=cb)
+                         for i, cb in enumerate(spellings)))
+    t = open_trace(p)
+    assert t.events["func"].astype(str).tolist() == ["", "", "", "", "f"]
+    assert not t.meta.unparsed_lines

@@ -423,6 +423,9 @@ _DEC_COLUMNS = ("target_cpu", "vector", "next_pid", "_prev_pid")
 _STR_COLUMNS = ("callsite", "func", "cpumask", "next_comm", "prev_state", "_prev_comm")
 
 
+_NULL_SYMBOL = r"^(?:0[xX])?0+$|^\((?:null|nil)\)$"
+
+
 def _normalise_symbols(arr: pa.Array, is_func: bool) -> pa.Array:
     """Callsites as ``sym+0xoff`` (drop ftrace's ``/0xsize``), functions as bare ``sym``.
 
@@ -436,6 +439,9 @@ def _normalise_symbols(arr: pa.Array, is_func: bool) -> pa.Array:
     vals = pc.replace_substring_regex(vals, r"(\+0x[0-9a-fA-F]+)/0x[0-9a-fA-F]+", r"\1")
     if is_func:
         vals = pc.replace_substring_regex(vals, r"\+0x0+(\s|$)", r"\1")
+    # A NULL pointer (tracefs and perf print %pS of NULL as "0x0") is no symbol:
+    # store the schema's NA "", as the bcc backend does, not a fake name "0x0".
+    vals = pc.if_else(pc.match_substring_regex(vals, _NULL_SYMBOL), "", vals)
     return pa.DictionaryArray.from_arrays(d.indices, vals)
 
 
