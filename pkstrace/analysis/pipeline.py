@@ -13,6 +13,8 @@ import numpy as np
 
 from pkstrace import schema
 from pkstrace.analysis import counts as counts_mod
+from pkstrace.analysis.aggregates import apply as apply_aggregates
+from pkstrace.analysis.aggregates import uses_aggregates
 from pkstrace.analysis.crosscpu import cross_cpu, public_calls
 from pkstrace.analysis.drift import drift
 from pkstrace.analysis.episodes import (
@@ -136,6 +138,10 @@ def analyse(trace: schema.Trace, isolated: list[int] | None = None,
     _lap(tm, "lost", t)
 
     f.calls = public_calls(cc.calls)
+    if uses_aggregates(trace.meta):
+        # counts mode: the kernel counted every event; its aggregates replace the
+        # (absent or sampled) rows' counts and cross-CPU figures
+        apply_aggregates(f, trace.meta)
     if (p.col("preempt_depth") < 0).all() and len(cc.queues):
         f.notes.append("preempt depth not in this trace: drift cannot be checked")
     if trace.meta.lost_events and any(int(v) for v in trace.meta.lost_events.values()):

@@ -104,7 +104,10 @@ def load_trace(path: str, isolated: list[int] | None = None, cpus: int | None = 
                              "import text traces") from None
         trace = open_trace(path, isolated=isolated, cpus=cpus)
     if len(trace.events) == 0:
-        raise InputError(f"{path}: the trace has no events")
+        from pkstrace.analysis.aggregates import uses_aggregates
+
+        if not uses_aggregates(trace.meta):  # a counts-mode trace has aggregates, no rows
+            raise InputError(f"{path}: the trace has no events")
     return trace
 
 

@@ -61,6 +61,9 @@ def _header(f: Findings) -> list[str]:
     lines = ["pkstrace replay: " + (t.get("source") or "trace")]
     facts = [f"{t.get('events', 0)} events", f"over {_dur(t.get('duration_ns') or 0)}",
              f"backend {t.get('backend', '?')}"]
+    if t.get("aggregates"):  # counts mode: the kernel counted, few or no rows were kept
+        facts[0] = (f"{t.get('counted_events', 0)} events counted in the kernel "
+                    f"(counts mode, {t.get('events', 0)} event rows)")
     if host.get("kernel"):
         facts.append(f"kernel {host['kernel']}")
     if host.get("online_cpus"):
@@ -128,16 +131,27 @@ def _cross(f: Findings) -> list[str]:
                f"unmatched: {s['unmatched_queue']} queue, {s['unmatched_entry']} entry, "
                f"{s['unmatched_exit']} exit"]
     if s.get("remote"):
-        out.append(f"  latency p50 {_dur(s['p50_ns'])}  p90 {_dur(s['p90_ns'])}  "
-                   f"p99 {_dur(s['p99_ns'])}  max {_dur(s['max_ns'])};  handler p50 "
-                   f"{_dur(s['handler_p50_ns'])}  p99 {_dur(s['handler_p99_ns'])}")
-        out.append(f"  target idle: {s['count_idle']} calls, p50 {_dur(s['p50_idle_ns'])};  "
-                   f"target busy: {s['count_busy']} calls, p50 {_dur(s['p50_busy_ns'])}")
+        bucketed = bool(f.trace.get("aggregates"))
+        lat = (f"  latency p50 {_dur(s['p50_ns'])}  p90 {_dur(s['p90_ns'])}  "
+               f"p99 {_dur(s['p99_ns'])}  max {_dur(s['max_ns'])}")
+        if bucketed:
+            out.append(lat + "  (from log2 buckets: each figure within a factor of 2)")
+        else:
+            out.append(lat + f";  handler p50 {_dur(s['handler_p50_ns'])}  "
+                       f"p99 {_dur(s['handler_p99_ns'])}")
+            out.append(f"  target idle: {s['count_idle']} calls, "
+                       f"p50 {_dur(s['p50_idle_ns'])};  target busy: {s['count_busy']} "
+                       f"calls, p50 {_dur(s['p50_busy_ns'])}")
         hdr = ["count", "p50", "p90", "p99", "max"]
         out.append(_table(_lat_rows(f.latency_per_func, ["func"]), ["func", *hdr])
                    + _more(f.latency_per_func, TOP))
-        out.append(_table(_lat_rows(f.latency_per_source_target, ["source_cpu", "target_cpu"]),
-                          ["from", "to", *hdr]) + _more(f.latency_per_source_target, TOP))
+        if len(f.latency_per_source_target):
+            out.append(_table(_lat_rows(f.latency_per_source_target,
+                                        ["source_cpu", "target_cpu"]),
+                              ["from", "to", *hdr]) + _more(f.latency_per_source_target, TOP))
+        elif len(f.latency_per_target_cpu):  # counts mode: histograms are per target only
+            out.append(_table(_lat_rows(f.latency_per_target_cpu, ["target_cpu"]),
+                              ["to", *hdr]) + _more(f.latency_per_target_cpu, TOP))
     return out
 
 
