@@ -19,7 +19,8 @@
 // `pkstrace bench overhead` (benchmarks/README.md); what made the difference:
 //   - every probe does only its own work, filters are compile-time constants;
 //   - counts: a per-CPU array slot whose index is a constant for all but the
-//     MSR probes (the kernel inlines the lookup: no helper call, no hash, no lock);
+//     MSR probes (the kernel inlines the lookup: no helper call, no hash, no lock),
+//     and arrays, not hashes, for the calls, the in-flight table and latencies;
 //   - events: a 64-byte record (was 128) written field by field (no memset), no
 //     bpf_get_current_comm() per event (only sched_switch carries names; the
 //     Python side maps pid -> comm from them), and no wake-up per record
@@ -32,10 +33,14 @@
 // backend) running at the same time would silently see nothing.
 //
 // The Python side defines: MSR_KEEP(m) and CPU_KEEP(c) (filters), RINGBUF_PAGES,
-// NSLOTS, OTHER_SLOT, MSR_SLOT(m), NKINDS, and one KIND_* per schema kind; the
+// NSLOTS, OTHER_SLOT, MSR_SLOT(m), NKINDS, NCPUS, NFUNC, INFLIGHT_SLOTS,
+// INFLIGHT_BITS, and one KIND_* per schema kind; the
 // event layout below is mirrored by a numpy dtype there (keep them in step).
 
 #include <uapi/linux/ptrace.h>
+
+#define READ_ONCE(x) (*(volatile typeof(x) *)&(x))
+#define WRITE_ONCE(x, v) (*(volatile typeof(x) *)&(x) = (v))
 
 #ifndef BPF_RB_NO_WAKEUP
 #define BPF_RB_NO_WAKEUP 1
@@ -81,23 +86,19 @@ struct other_msr_key_t {
     u32 msr;
 };
 
-struct call_key_t {
-    u64 func;
-    u32 target_cpu;
-    u32 pad;
+// The functions this CPU has seen called cross-CPU (as caller or target), in
+// order of first sight; a function's index here selects its rows in `calls`
+// and `latency`. Per CPU, so no other CPU writes it (a BPF program cannot
+// nest on one CPU: the recursion guard), and a search stays in local cache.
+struct functab_t {
+    u64 func[NFUNC];
 };
 
+// One queued call awaiting its entry, in the target CPU's row of `inflight`,
+// slot chosen by a hash of the csd pointer.
 struct inflight_t {
-    u64 ts;             // 0: consumed (its entry was seen)
-    u64 func;
-    u32 target_cpu;
-    u32 source_cpu;
-};
-
-struct hist_key_t {
-    u64 func;
-    u32 target_cpu;
-    u32 slot;           // log2(latency ns)
+    u64 csd;
+    u64 ts;             // 0: consumed (its entry was seen) or never used
 };
 
 #ifdef WANT_EVENTS
@@ -107,13 +108,16 @@ BPF_PERCPU_ARRAY(lost, u64, 1);
 #ifdef WANT_COUNTS
 BPF_PERCPU_ARRAY(counts, u64, NKINDS * NSLOTS);
 BPF_PERCPU_HASH(other_msrs, struct other_msr_key_t, u64, 1024);
-BPF_PERCPU_HASH(calls, struct call_key_t, u64, 4096);
-// LRU: a csd lives on its caller's stack and is reused by that caller's next
-// call, so entries are updated in place and never deleted (a delete takes the
-// bucket lock); old stack addresses age out instead of filling the table.
-BPF_TABLE("lru_hash", u64, struct inflight_t, inflight, 65536);
-BPF_HASH(latency, struct hist_key_t, u64, 16384);
-BPF_PERCPU_ARRAY(unmatched, u64, 1);   // entries whose csd had no queue seen
+// No hash maps on the cross-CPU path: a hash update or lookup there cost 200-500 ns
+// per event (bucket lock, element on a cold cache line written by the other CPU),
+// the tables below a few ns plus the one shared line of `inflight`.
+BPF_PERCPU_ARRAY(functab, struct functab_t, 1);
+BPF_PERCPU_ARRAY(calls, u64, NFUNC * NCPUS);      // [func index][target cpu], per source CPU
+BPF_PERCPU_ARRAY(latency, u64, NFUNC * 64);       // [func index][log2 ns], per target CPU
+BPF_ARRAY(inflight, struct inflight_t, NCPUS * INFLIGHT_SLOTS);
+// [0] entries whose queue was not seen (or was overwritten: slot collision),
+// [1] calls and [2] latencies not broken down (more than NFUNC functions on a CPU)
+BPF_PERCPU_ARRAY(unmatched, u64, 3);
 #endif
 
 // One switch for every probe: attaching and detaching programs one by one takes
@@ -142,6 +146,41 @@ static __always_inline void count_at(u32 idx)
 
 // A kind without an MSR: slot 0, the index is a compile-time constant.
 #define COUNT(kind) count_at((kind) * NSLOTS)
+
+#ifdef WANT_COUNTS
+static __always_inline void bump_unmatched(u32 idx)
+{
+    u64 *n = unmatched.lookup(&idx);
+    if (n)
+        (*n)++;
+}
+
+// Index of func in this CPU's table, adding it if new; -1 when the table is full.
+static __always_inline int func_index(u64 func)
+{
+    int zero = 0;
+    struct functab_t *t = functab.lookup(&zero);
+    if (!t)
+        return -1;
+#pragma unroll
+    for (int i = 0; i < NFUNC; i++) {
+        u64 f = t->func[i];
+        if (f == func)
+            return i;
+        if (f == 0) {
+            t->func[i] = func;
+            return i;
+        }
+    }
+    return -1;
+}
+
+static __always_inline u32 inflight_slot(u32 cpu, u64 csd)
+{
+    // Fibonacci hash of the pointer: stack addresses differ in middle bits.
+    return cpu * INFLIGHT_SLOTS + (u32)((csd * 0x9E3779B97F4A7C15ULL) >> (64 - INFLIGHT_BITS));
+}
+#endif
 
 #ifdef WANT_EVENTS
 static __always_inline struct event_t *new_event(u32 kind)
@@ -216,27 +255,28 @@ TRACEPOINT_PROBE(csd, csd_queue_cpu)
         return 1;
     COUNT(KIND_CSD_QUEUE);
 #ifdef WANT_COUNTS
-    struct call_key_t ck = {.func = (u64)args->func, .target_cpu = args->cpu};
-    u64 zero = 0;
-    u64 *n = calls.lookup_or_try_init(&ck, &zero);
-    if (n)
-        (*n)++;
-    u64 csd = (u64)args->csd;
-    if (csd) {
-        u64 now = bpf_ktime_get_ns();
-        struct inflight_t *f = inflight.lookup(&csd);
-        if (f) {
-            // The csd is locked until its function has run, so its entry cannot
-            // be reading this slot now; ts last marks it live again.
-            f->func = (u64)args->func;
-            f->target_cpu = args->cpu;
-            f->source_cpu = bpf_get_smp_processor_id();
-            f->ts = now;
+    u32 target = args->cpu;
+    if (target < NCPUS) {
+        int fi = func_index((u64)args->func);
+        if (fi >= 0) {
+            u32 idx = fi * NCPUS + target;
+            u64 *n = calls.lookup(&idx);
+            if (n)
+                (*n)++;
         } else {
-            struct inflight_t nf = {.ts = now, .func = (u64)args->func,
-                                    .target_cpu = args->cpu,
-                                    .source_cpu = bpf_get_smp_processor_id()};
-            inflight.update(&csd, &nf);
+            bump_unmatched(1);
+        }
+        u64 csd = (u64)args->csd;
+        if (csd) {
+            u32 idx = inflight_slot(target, csd);
+            struct inflight_t *f = inflight.lookup(&idx);
+            if (f) {
+                // csd before ts; the entry reads ts before csd (x86 keeps stores
+                // and loads in order), so a matching csd never pairs with a
+                // timestamp another csd in the same slot left.
+                WRITE_ONCE(f->csd, csd);
+                WRITE_ONCE(f->ts, bpf_ktime_get_ns());
+            }
         }
     }
 #endif
@@ -256,20 +296,25 @@ TRACEPOINT_PROBE(csd, csd_function_entry)
     COUNT(KIND_CSD_ENTRY);
 #ifdef WANT_COUNTS
     u64 csd = (u64)args->csd;
-    if (csd) {
-        struct inflight_t *f = inflight.lookup(&csd);
-        u64 queued = f ? f->ts : 0;
-        if (queued) {
+    u32 cpu = bpf_get_smp_processor_id();
+    if (csd && cpu < NCPUS) {
+        u32 idx = inflight_slot(cpu, csd);
+        struct inflight_t *f = inflight.lookup(&idx);
+        u64 queued = f ? READ_ONCE(f->ts) : 0;
+        if (queued && READ_ONCE(f->csd) == csd) {
+            WRITE_ONCE(f->ts, 0);
             u64 delta = bpf_ktime_get_ns() - queued;
-            struct hist_key_t hk = {.func = f->func, .target_cpu = bpf_get_smp_processor_id(),
-                                    .slot = bpf_log2l(delta)};
-            f->ts = 0;
-            latency.atomic_increment(hk);
+            int fi = func_index((u64)args->func);
+            if (fi >= 0) {
+                u32 h = fi * 64 + (bpf_log2l(delta) & 63);
+                u64 *n = latency.lookup(&h);
+                if (n)
+                    (*n)++;
+            } else {
+                bump_unmatched(2);
+            }
         } else {
-            int idx = 0;
-            u64 *n = unmatched.lookup(&idx);
-            if (n)
-                (*n)++;
+            bump_unmatched(0);
         }
     }
 #endif

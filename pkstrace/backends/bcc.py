@@ -27,8 +27,11 @@ TraceMeta.aggregates (counts mode, ``format`` 1)::
      "per_cpu":  [{"cpu", "kind", "msr", "count"}],   # msr: int for msr_* kinds, else None
      "calls":    [{"source_cpu", "target_cpu", "func", "count"}],   # csd_queue
      "latency_log2": [{"target_cpu", "func", "slot", "low_ns", "high_ns", "count"}],
-     "unmatched_entries": int,    # csd entries whose queue was not seen
-     "inflight_at_end": int}      # queued calls whose entry was not seen
+     "unmatched_entries": int,    # csd entries whose queue was not seen (or whose
+                                  # in-flight slot another call took meanwhile)
+     "inflight_at_end": int,      # queued calls whose entry was not seen
+     "calls_not_broken_down": int,       # beyond NFUNC functions on one CPU
+     "latencies_not_broken_down": int}
 
 ``slot`` k holds latencies in [2**k, 2**(k+1)) ns (``low_ns``/``high_ns``).
 """
@@ -57,6 +60,8 @@ PROBE_FILE = "pkstrace.bpf.c"
 MIN_RINGBUF_PAGES = 1024  # 4 MiB
 KIND_CODES = {k: i for i, k in enumerate(schema.KINDS)}
 MSR_KINDS = (KIND_CODES["msr_write"], KIND_CODES["msr_read"])
+NFUNC = 32  # cross-CPU functions told apart per CPU in counts mode
+INFLIGHT_BITS = 8  # 256 in-flight slots per target CPU
 UNKNOWN_CPU = -1  # lost_events key for losses the kernel does not place on a CPU
 # Mirror of struct event_t in probes/pkstrace.bpf.c: a head and a union body,
 # `g` (generic: a, b, c, i) or `sw` (sched_switch), overlaid here by offsets.
@@ -74,6 +79,15 @@ assert EVENT_DTYPE.itemsize == 64
 def msr_slots(extra_msrs: Sequence[int] = ()) -> list[int]:
     """MSRs with their own counter slot in counts mode (slot k + 1 is the k-th)."""
     return sorted(set(schema.MSRS) | {int(m) for m in extra_msrs})[:62]
+
+
+def possible_cpus() -> int:
+    """Number of CPU ids the kernel may ever use (array sizes in the BPF program)."""
+    try:
+        with open("/sys/devices/system/cpu/possible") as f:
+            return max(schema.parse_cpulist(f.read().strip())) + 1
+    except (OSError, ValueError):
+        return os.cpu_count() or 1
 
 
 def probes_dir() -> Path:
@@ -257,7 +271,9 @@ class BccBackend(Backend):
                  f"-DMSR_KEEP(m)={_cond('m', msr.msrs if msr else ())}",
                  f"-DCPU_KEEP(c)={_cond('c', self.cpus)}",
                  f"-DNKINDS={len(KIND_CODES)}", f"-DNSLOTS={other_slot + 1}",
-                 f"-DOTHER_SLOT={other_slot}", f"-DMSR_SLOT(m)={slot_expr}"]
+                 f"-DOTHER_SLOT={other_slot}", f"-DMSR_SLOT(m)={slot_expr}",
+                 f"-DNCPUS={possible_cpus()}", f"-DNFUNC={NFUNC}",
+                 f"-DINFLIGHT_BITS={INFLIGHT_BITS}", f"-DINFLIGHT_SLOTS={1 << INFLIGHT_BITS}"]
         flags += [f"-DKIND_{k.upper()}={v}" for k, v in KIND_CODES.items()]
         if self.want_events:
             flags.append("-DWANT_EVENTS")
@@ -550,24 +566,34 @@ class BccBackend(Backend):
                     continue
                 per_cpu.append({"cpu": cpu, "kind": schema.KINDS[kind], "msr": slot_msr[slot],
                                 "count": int(n)})
+        ncpus = possible_cpus()
+        # Each CPU numbers the functions it saw in its own functab row.
+        functab = [np.asarray(t.func[:], dtype=np.uint64) for t in b[b"functab"][ctypes.c_int(0)]]
+        all_funcs = np.unique(np.concatenate(functab)) if functab else np.zeros(0, np.uint64)
+        fnames = dict(zip(all_funcs.tolist(),
+                          syms.symbolize(all_funcs, with_offset=False).astype(str).tolist(),
+                          strict=True)) if len(all_funcs) else {}
         calls = []
-        call_items = list(b[b"calls"].items())
-        funcs = np.asarray([k.func for k, _ in call_items], dtype=np.uint64)
-        names = syms.symbolize(funcs, with_offset=False).astype(str) if len(funcs) else []
-        for (k, vals), fname in zip(call_items, names, strict=True):
+        for idx, vals in b[b"calls"].items():
+            fi, target = divmod(int(idx.value), ncpus)
             for cpu, n in enumerate(vals):
-                if n:
-                    calls.append({"source_cpu": cpu, "target_cpu": int(k.target_cpu),
-                                  "func": str(fname), "count": int(n)})
+                if n and cpu < len(functab) and functab[cpu][fi]:
+                    calls.append({"source_cpu": cpu, "target_cpu": target,
+                                  "func": fnames[int(functab[cpu][fi])], "count": int(n)})
         hist = []
-        lat_items = list(b[b"latency"].items())
-        funcs = np.asarray([k.func for k, _ in lat_items], dtype=np.uint64)
-        names = syms.symbolize(funcs, with_offset=False).astype(str) if len(funcs) else []
-        for (k, v), fname in zip(lat_items, names, strict=True):
-            hist.append({"target_cpu": int(k.target_cpu), "func": str(fname),
-                         "slot": int(k.slot), "low_ns": 1 << int(k.slot) if k.slot else 0,
-                         "high_ns": 1 << (int(k.slot) + 1), "count": int(v.value)})
-        unmatched = sum(int(x) for x in b[b"unmatched"][ctypes.c_int(0)])
+        for idx, vals in b[b"latency"].items():
+            fi, slot = divmod(int(idx.value), 64)
+            for cpu, n in enumerate(vals):
+                if n and cpu < len(functab) and functab[cpu][fi]:
+                    hist.append({"target_cpu": cpu, "func": fnames[int(functab[cpu][fi])],
+                                 "slot": slot, "low_ns": 1 << slot if slot else 0,
+                                 "high_ns": 1 << (slot + 1), "count": int(n)})
+        unmatched, calls_other, latency_other = (
+            sum(int(x) for x in b[b"unmatched"][ctypes.c_int(i)]) for i in range(3))
+        if calls_other or latency_other:
+            self._notes.append(f"bcc counts: more than {NFUNC} cross-CPU functions on a CPU: "
+                               f"{calls_other} calls and {latency_other} latencies of the "
+                               "others are not in the aggregates")
         self._aggregates = {
             "format": 1,
             "per_cpu": sorted(per_cpu, key=lambda r: (r["kind"], r["msr"] or -1, r["cpu"])),
@@ -575,6 +601,8 @@ class BccBackend(Backend):
             "latency_log2": sorted(hist, key=lambda r: (r["target_cpu"], r["func"], r["slot"])),
             "unmatched_entries": unmatched,
             "inflight_at_end": sum(1 for v in b[b"inflight"].values() if v.ts),
+            "calls_not_broken_down": calls_other,
+            "latencies_not_broken_down": latency_other,
         }
         return self._aggregates
 
