@@ -1,6 +1,6 @@
 """atheris harness: the calibration JSON loader and the projection it feeds.
 
-    .venv/bin/python tests/fuzz/fuzz_calibration.py -atheris_runs=20000 -rss_limit_mb=3072 \\
+    .venv/bin/python tests/fuzz/fuzz_calibration.py -atheris_runs=20000 -rss_limit_mb=4096 \\
         -timeout=30 -artifact_prefix=/tmp/fuzz-cal- /tmp/fuzz-cal-corpus tests/corpus/calibration
 
 Contract: tests/fuzz/targets.py (check_calibration_bytes).

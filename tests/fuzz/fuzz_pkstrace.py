@@ -1,6 +1,6 @@
 """atheris harness: the .pkstrace reader (read_meta + read_trace).
 
-    .venv/bin/python tests/fuzz/fuzz_pkstrace.py -atheris_runs=20000 -rss_limit_mb=3072 \\
+    .venv/bin/python tests/fuzz/fuzz_pkstrace.py -atheris_runs=20000 -rss_limit_mb=4096 \\
         -timeout=30 -artifact_prefix=/tmp/fuzz-pkstrace- /tmp/fuzz-pkstrace-corpus SEEDS
 
 SEEDS: a directory of small valid .pkstrace files (tests/test_hardening_fuzz.py makes

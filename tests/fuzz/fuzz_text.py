@@ -1,6 +1,6 @@
 """atheris harness: the ftrace-text / trace-cmd / perf-script importers.
 
-    .venv/bin/python tests/fuzz/fuzz_text.py -atheris_runs=100000 -rss_limit_mb=3072 \\
+    .venv/bin/python tests/fuzz/fuzz_text.py -atheris_runs=100000 -rss_limit_mb=4096 \\
         -timeout=30 -artifact_prefix=/tmp/fuzz-text- /tmp/fuzz-text-corpus tests/fixtures
 
 Seeds: the real captures in tests/fixtures (and tests/corpus/text). A crash is any
