@@ -5,8 +5,8 @@
 // global-update functions where the kernel has kprobes (WITH_KPROBES).
 //
 // Modes (both may be on in one program):
-//   WANT_EVENTS  every event into the BPF ring buffer `events`; a failed reserve
-//                counts into `lost` (per CPU).
+//   WANT_EVENTS  every event into this CPU's BPF ring buffer (`rings`); a failed
+//                reserve counts into `lost` (per CPU).
 //   WANT_COUNTS  per-CPU counts in the array `counts`, indexed by
 //                kind * NSLOTS + MSR slot (slot 0: not an MSR event; 1..: the
 //                known MSRs, MSR_SLOT(m); OTHER_SLOT: any other MSR, also counted
@@ -32,7 +32,8 @@
 // everyone (perf_trace_run_bpf_submit), so `perf record` (or pkstrace's perf
 // backend) running at the same time would silently see nothing.
 //
-// The Python side defines: MSR_KEEP(m) and CPU_KEEP(c) (filters), RINGBUF_PAGES,
+// The Python side defines: MSR_KEEP(m) and CPU_KEEP(c) (filters), RINGBUF_PAGES
+// (per ring), EVENT_RINGS,
 // NSLOTS, OTHER_SLOT, MSR_SLOT(m), NKINDS, NCPUS, NFUNC, INFLIGHT_SLOTS,
 // INFLIGHT_BITS, and one KIND_* per schema kind; the
 // event layout below is mirrored by a numpy dtype there (keep them in step).
@@ -102,7 +103,11 @@ struct inflight_t {
 };
 
 #ifdef WANT_EVENTS
-BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+// One ring per CPU (events0 .. events<NCPUS-1>, declared by EVENT_RINGS): with
+// one shared ring every record took its spinlock and producer position, two
+// cache lines that then moved between the CPUs at each event.
+EVENT_RINGS
+BPF_ARRAY_OF_MAPS(rings, "events0", NCPUS);
 BPF_PERCPU_ARRAY(lost, u64, 1);
 #endif
 #ifdef WANT_COUNTS
@@ -183,16 +188,25 @@ static __always_inline u32 inflight_slot(u32 cpu, u64 csd)
 #endif
 
 #ifdef WANT_EVENTS
-static __always_inline struct event_t *new_event(u32 kind)
+static __always_inline struct event_t *reserve_event(void)
 {
-    struct event_t *e = events.ringbuf_reserve(sizeof(struct event_t));
+    u32 cpu = bpf_get_smp_processor_id();
+    void *ring = rings.lookup(&cpu);
+    struct event_t *e = ring ? bpf_ringbuf_reserve(ring, sizeof(struct event_t), 0) : 0;
     if (!e) {
         int zero = 0;
         u64 *n = lost.lookup(&zero);
         if (n)
             (*n)++;
-        return 0;
     }
+    return e;
+}
+
+static __always_inline struct event_t *new_event(u32 kind)
+{
+    struct event_t *e = reserve_event();
+    if (!e)
+        return 0;
     e->ts = bpf_ktime_get_ns();
     e->pid = (u32)bpf_get_current_pid_tgid();
     e->cpu = bpf_get_smp_processor_id();
@@ -208,7 +222,7 @@ static __always_inline void put_generic(struct event_t *e, u64 a, u64 b, u64 c, 
     e->g.c = c;
     e->g.i = i;
     e->g.pad = 0;
-    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 #endif
 
@@ -417,14 +431,9 @@ TRACEPOINT_PROBE(sched, sched_switch)
         return 1;
     COUNT(KIND_SCHED_SWITCH);
 #ifdef WANT_EVENTS
-    struct event_t *e = events.ringbuf_reserve(sizeof(struct event_t));
-    if (!e) {
-        int zero = 0;
-        u64 *n = lost.lookup(&zero);
-        if (n)
-            (*n)++;
+    struct event_t *e = reserve_event();
+    if (!e)
         return 1;
-    }
     e->ts = bpf_ktime_get_ns();
     e->pid = args->prev_pid;
     e->cpu = bpf_get_smp_processor_id();
@@ -433,9 +442,10 @@ TRACEPOINT_PROBE(sched, sched_switch)
     e->sw.prev_state = args->prev_state;
     e->sw.next_pid = args->next_pid;
     e->sw.pad = 0;
-    bpf_probe_read_kernel(&e->sw.prev_comm, sizeof(e->sw.prev_comm), args->prev_comm);
-    bpf_probe_read_kernel(&e->sw.next_comm, sizeof(e->sw.next_comm), args->next_comm);
-    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    // The names are in the tracepoint record itself: plain loads, no helper.
+    __builtin_memcpy(e->sw.prev_comm, args->prev_comm, sizeof(e->sw.prev_comm));
+    __builtin_memcpy(e->sw.next_comm, args->next_comm, sizeof(e->sw.next_comm));
+    bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 #endif
     return 1;
 }

@@ -57,7 +57,8 @@ from pkstrace.backends.base import WRITE_PKRS_ARGS, Backend, ProbeResult, ProbeS
 from pkstrace.backends.symbols import kernel_symbols
 
 PROBE_FILE = "pkstrace.bpf.c"
-MIN_RINGBUF_PAGES = 1024  # 4 MiB
+MIN_RINGBUF_PAGES = 1024  # 4 MiB in all
+MIN_RING_PAGES_PER_CPU = 64  # 256 KiB
 KIND_CODES = {k: i for i, k in enumerate(schema.KINDS)}
 MSR_KINDS = (KIND_CODES["msr_write"], KIND_CODES["msr_read"])
 NFUNC = 32  # cross-CPU functions told apart per CPU in counts mode
@@ -219,6 +220,17 @@ class RingReader:
                 m.close()
 
 
+def wait_any(rings: Sequence[RingReader], timeout: float) -> None:
+    """Until a ring has records or the timeout passes (the probes never wake us:
+    BPF_RB_NO_WAKEUP, so this is a poll on a timer)."""
+    if any(r.pending() for r in rings):
+        return
+    try:
+        select.select([r.fd for r in rings], [], [], timeout)
+    except (InterruptedError, OSError, ValueError):
+        pass
+
+
 class BccBackend(Backend):
     name = "bcc"
 
@@ -233,7 +245,7 @@ class BccBackend(Backend):
         self.probes = list(probes)
         self.cpus = list(cpus) if cpus else []
         self.bpf: Any = None
-        self._ring: RingReader | None = None
+        self._rings: list[RingReader] = []
         # One ring for all CPUs, KB x CPUs x 3 rounded up to a power of two pages
         # as BPF requires (64 MiB for the default 8 MiB x 2 CPUs): with 72-byte
         # records (64 + header) about 930 000 events, 2 s at this host's peak
@@ -241,6 +253,10 @@ class BccBackend(Backend):
         ncpu = os.cpu_count() or 1
         pages = max(MIN_RINGBUF_PAGES, (int(buffer_kb) * ncpu * 3) // 4)
         self.ringbuf_pages = 1 << (pages - 1).bit_length()
+        # ... split into one ring per possible CPU (the probes write their own CPU's).
+        self.nrings = possible_cpus()
+        per_ring = max(MIN_RING_PAGES_PER_CPU, self.ringbuf_pages // self.nrings)
+        self.ring_pages = 1 << (per_ring - 1).bit_length()
         self._chunks: list[bytes] = []
         self._comms: dict[int, str] = {0: "<idle>"}  # pid -> name (from sched_switch)
         self._msr_slots: list[int] = []
@@ -267,7 +283,9 @@ class BccBackend(Backend):
         slot_expr = str(other_slot)
         for k, m in reversed(list(enumerate(self._msr_slots, 1))):
             slot_expr = f"((m) == {m:#x} ? {k} : {slot_expr})"
-        flags = [f"-DRINGBUF_PAGES={self.ringbuf_pages}",
+        rings = " ".join(f"BPF_RINGBUF_OUTPUT(events{i}, RINGBUF_PAGES);"
+                         for i in range(self.nrings))
+        flags = [f"-DRINGBUF_PAGES={self.ring_pages}", f"-DEVENT_RINGS={rings}",
                  f"-DMSR_KEEP(m)={_cond('m', msr.msrs if msr else ())}",
                  f"-DCPU_KEEP(c)={_cond('c', self.cpus)}",
                  f"-DNKINDS={len(KIND_CODES)}", f"-DNSLOTS={other_slot + 1}",
@@ -336,8 +354,12 @@ class BccBackend(Backend):
                 results.append(ProbeResult(p.name, p.required, False,
                                            f"kprobe refused: {_one_line(e)}"))
         if self.want_events:
-            self._ring = RingReader(self.bpf[b"events"].map_fd,
-                                    self.ringbuf_pages * mmap.PAGESIZE, EVENT_DTYPE.itemsize)
+            rings = self.bpf[b"rings"]
+            for cpu in range(self.nrings):
+                fd = self.bpf[f"events{cpu}".encode()].map_fd
+                rings[ctypes.c_int(cpu)] = ctypes.c_int(fd)
+                self._rings.append(RingReader(fd, self.ring_pages * mmap.PAGESIZE,
+                                              EVENT_DTYPE.itemsize))
         # Misses before the switch are not events of this recording.
         self._misses_at_start = self.recursion_misses()
         self._switch(True)  # every probe starts at the same instant
@@ -383,9 +405,9 @@ class BccBackend(Backend):
     def read(self, timeout: float = 0.2) -> pd.DataFrame:
         if self.bpf is None:
             return schema.empty_events()
-        if self._ring is not None:
-            self._ring.wait(timeout)
-            self._chunks.append(self._ring.read())
+        if self._rings:
+            wait_any(self._rings, timeout)
+            self._chunks.extend(r.read() for r in self._rings)
         else:
             import time
 
@@ -422,8 +444,7 @@ class BccBackend(Backend):
         self._kprobes = []
 
     def drain(self) -> pd.DataFrame:
-        if self._ring is not None:
-            self._chunks.append(self._ring.read())
+        self._chunks.extend(r.read() for r in self._rings)
         return self._decode()
 
     def _decode(self) -> pd.DataFrame:
@@ -607,7 +628,8 @@ class BccBackend(Backend):
         return self._aggregates
 
     def extra(self) -> dict[str, Any]:
-        return {"ringbuf_pages": self.ringbuf_pages, "recursion_misses": dict(self.misses),
+        return {"ringbuf_pages": self.ring_pages * self.nrings, "rings": self.nrings,
+                "recursion_misses": dict(self.misses),
                 "mode": "both" if self.want_events and self.want_counts else self.mode}
 
     def symbols(self) -> dict[int, str]:
@@ -632,9 +654,9 @@ class BccBackend(Backend):
             except Exception as e:  # noqa: BLE001 - keep detaching
                 self._notes.append(f"aggregates lost: {_one_line(e)}")
         problems = []
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
+        for r in self._rings:
+            r.close()
+        self._rings = []
         if self.bpf is not None:
             try:
                 self.bpf.cleanup()
