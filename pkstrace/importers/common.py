@@ -800,14 +800,16 @@ def parse_chunk(data: bytes | str | Lines, style: str,
     stats.lines += len(lines)
     if len(lines) == 0:
         return schema.empty_events()
-    fast = landmarks.parse(lines.raw, lines.starts, lines.ends, style)
+    fast_parts = landmarks.parse_parts(lines.raw, lines.starts, lines.ends, style)
     parts: list[tuple[np.ndarray, HeaderFields]] = [(fast.rows, HeaderFields(
         comm=fast.comm, pid=fast.pid, cpu=fast.cpu, ts=fast.ts, irqs_off=fast.irqs_off,
         irq_ctx=fast.irq_ctx, preempt_depth=fast.preempt_depth, event=fast.event,
-        args=fast.args))]
-    if len(fast.rows) < len(lines):
+        args=fast.args)) for fast in fast_parts]
+    n_fast = sum(len(fast.rows) for fast in fast_parts)
+    if n_fast < len(lines):
         mask = np.ones(len(lines), bool)
-        mask[fast.rows] = False
+        for fast in fast_parts:
+            mask[fast.rows] = False
         rest = np.flatnonzero(mask)
         rest_lines = lines.take(rest)
         matched, rf = regex_fields(rest_lines)

@@ -159,17 +159,169 @@ def substrings(data: pa.Buffer, starts: np.ndarray, ends: np.ndarray) -> pa.Arra
     return arr.take(pa.array(np.arange(0, 2 * n, 2)))
 
 
+def parse_parts(raw: np.ndarray, line_start: np.ndarray, line_end: np.ndarray,
+                style: str) -> list[FastFields]:
+    """Fast-path fields for the lines [line_start, line_end) of ``raw`` (bytes, uint8).
+
+    Lines in the kernel's usual column layout are read at fixed offsets
+    (:func:`_fixed_layout`: one window per line, no search); the others go through
+    the landmark search (:func:`parse`). Returns the parts that have rows (each
+    with its own line numbers); rows in neither are left to the RE2 path.
+    """
+    n = len(line_start)
+    buf = np.concatenate([np.zeros(PAD, np.uint8), raw, np.zeros(PAD, np.uint8)])
+    ls = line_start.astype(np.int64) + PAD
+    le = line_end.astype(np.int64) + PAD
+    fixed = _fixed_layout(buf, ls, le, style)
+    parts = [fixed] if len(fixed.rows) else []
+    if len(fixed.rows) < n:
+        rest = np.ones(n, bool)
+        rest[fixed.rows] = False
+        rest_rows = np.flatnonzero(rest)
+        general = parse(raw, line_start[rest_rows], line_end[rest_rows], style, buf=buf)
+        if len(general.rows):
+            general.rows = rest_rows[general.rows]
+            parts.append(general)
+    return parts
+
+
+# The usual layouts (kernel/trace/trace_output.c, perf's builtin-script.c):
+#   ftrace "%16s-%-7d [%03d] %5s %5lu.%06lu: "  -> event name at column 51
+#   perf   "%16s %5d [%03d] %5lu.%06lu: "       -> (padded) event name from column 42
+# ``extra``: digits the seconds have beyond five (an uptime of a day or more).
+_FTRACE_EV, _PERF_EV = 51, 42
+
+
+def _fixed_layout(buf: np.ndarray, ls: np.ndarray, le: np.ndarray, style: str) -> FastFields:
+    """Rows in the usual layout, read at fixed columns (with each seconds width seen)."""
+    n = len(ls)
+    dot_col = 42 if style == "ftrace" else 34
+    todo = np.arange(n)
+    parts: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+    for extra in range(8):
+        if not len(todo):
+            break
+        cand = todo[buf[ls[todo] + dot_col + extra] == DOT]
+        if not len(cand):
+            continue
+        ok, f = _fixed_header(buf, ls[cand], le[cand], style, extra)
+        parts.append((cand[ok], {k: v[ok] for k, v in f.items()}))
+        accepted = np.zeros(n, bool)
+        accepted[cand[ok]] = True
+        todo = todo[~accepted[todo]]
+    if not parts:
+        return _empty_fields()
+    rows = np.concatenate([r for r, _ in parts])
+    f = {k: np.concatenate([p[k] for _, p in parts]) for k in parts[0][1]}
+    if len(parts) > 1:
+        order = np.argsort(rows, kind="stable")
+        rows = rows[order]
+        f = {k: v[order] for k, v in f.items()}
+    ev_start = f["ev_start"]
+    ev_end = _event_colons(buf, ev_start, le[rows])
+    found = ev_end > ev_start
+    return _finish(buf, rows[found], ls[rows[found]], f["comm_end"][found], ev_start[found],
+                   ev_end[found], le[rows[found]], f["pid"][found], f["cpu"][found],
+                   f["ts"][found], f["irqs_off"][found], f["irq_ctx"][found],
+                   f["depth"][found])
+
+
+def _digits_value(mat: np.ndarray) -> np.ndarray:
+    """Rows of digit bytes (non-digits read as 0) as numbers."""
+    d = np.where(_IS_DIGIT[mat], mat, 48).astype(np.int64) - 48
+    return d @ _POW10[mat.shape[1] - 1::-1]
+
+
+def _fixed_header(buf: np.ndarray, ls: np.ndarray, le: np.ndarray, style: str,
+                  extra: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    n = len(ls)
+    if style == "ftrace":
+        ev = _FTRACE_EV + extra
+        w = _window(buf, ls, ev)
+        ok = (le - ls > ev) & (w[:, 16] == DASH) & (w[:, 24] == SP) & (w[:, 25] == LBR) \
+            & (w[:, 29] == RBR) & (w[:, 30] == SP) & (w[:, 36] == SP)
+        pid_m = w[:, 17:24]  # "%-7d": digits, then spaces
+        pd_ = _IS_DIGIT[pid_m]
+        ok &= pd_[:, 0] & (pd_ | (pid_m == SP)).all(axis=1) & (pd_[:, 1:] <= pd_[:, :-1]).all(1)
+        plen = pd_.sum(axis=1)
+        pid = _digits_value(pid_m) // _POW10[7 - plen]
+        cpu_m = w[:, 26:29]
+        f0, f1, f2 = _F0[w[:, 31]], _F1[w[:, 32]], _F2[w[:, 33]]
+        f3, f4 = _F3[w[:, 34]], _F4[w[:, 35]]
+        ok &= (f0 > -2) & (f1 > -2) & (f2 > -2) & (f3 > -2) & (f4 > -2)
+        irqs_off, irq_ctx, depth = f0.astype(np.int8), f2.astype(np.int8), f3.astype(np.int8)
+        sec_m = w[:, 37:42 + extra]
+        frac_m = w[:, 43 + extra:49 + extra]
+        ok &= (w[:, 42 + extra] == DOT) & (w[:, 49 + extra] == COLON) & (w[:, 50 + extra] == SP)
+        comm_end = ls + 16
+    else:
+        ev = _PERF_EV + extra
+        w = _window(buf, ls, ev + 1)
+        ok = (le - ls > ev) & (w[:, 16] == SP) & (w[:, 22] == SP) & (w[:, 23] == LBR) \
+            & (w[:, 27] == RBR) & (w[:, 28] == SP) & (w[:, ev] == SP)
+        pid_m = w[:, 17:22]  # "%5d": spaces, then digits
+        pd_ = _IS_DIGIT[pid_m]
+        ok &= pd_[:, -1] & (pd_ | (pid_m == SP)).all(axis=1) & (pd_[:, 1:] >= pd_[:, :-1]).all(1)
+        pid = _digits_value(pid_m)
+        cpu_m = w[:, 24:27]
+        irqs_off = irq_ctx = depth = np.full(n, -1, np.int8)
+        sec_m = w[:, 29:34 + extra]
+        frac_m = w[:, 35 + extra:41 + extra]
+        ok &= (w[:, 34 + extra] == DOT) & (w[:, 41 + extra] == COLON)
+        comm_end = ls + 16
+    ok &= _IS_DIGIT[cpu_m].all(axis=1) & _IS_DIGIT[frac_m].all(axis=1)
+    sd = _IS_DIGIT[sec_m]  # "%5lu": spaces, then at least one digit
+    ok &= sd[:, -1] & (sd | (sec_m == SP)).all(axis=1) & (sd[:, 1:] >= sd[:, :-1]).all(axis=1)
+    ts = _digits_value(sec_m) * 1_000_000_000 + _digits_value(frac_m) * 1000
+    return ok, {"pid": pid, "cpu": _digits_value(cpu_m), "ts": ts, "irqs_off": irqs_off,
+                "irq_ctx": irq_ctx, "depth": depth, "comm_end": comm_end,
+                "ev_start": ls + ev}
+
+
+def _event_colons(buf: np.ndarray, ev_start: np.ndarray, le: np.ndarray) -> np.ndarray:
+    """Position of the ": " that ends each row's event name (-1: not found here).
+
+    Names are few, so the offset of the first unresolved row's ": " is tried on all
+    unresolved rows at once; a wrong hit (a ": " later in the line) leaves a name
+    that is no identifier, which the name check in :func:`_finish` rejects.
+    """
+    out = np.full(len(ev_start), -1, np.int64)
+    todo = np.arange(len(ev_start))
+    for _ in range(32):
+        if not len(todo):
+            break
+        first = todo[0]
+        off = bytes(buf[ev_start[first]:le[first]]).find(b": ")
+        if off <= 0:
+            todo = todo[1:]  # no ": " (an event without arguments): the search path
+            continue
+        at = ev_start[todo] + off
+        hit = (buf[at] == COLON) & (buf[at + 1] == SP) & (at + 1 < le[todo])
+        out[todo[hit]] = at[hit]
+        todo = todo[~hit]
+    return out
+
+
+def _empty_fields() -> FastFields:
+    e = pa.array([], pa.string())
+    z = np.zeros(0, np.int64)
+    i8 = np.zeros(0, np.int8)
+    return FastFields(rows=z, comm=e, pid=z.astype(np.int32), cpu=z.astype(np.int32), ts=z,
+                      irqs_off=i8, irq_ctx=i8, preempt_depth=i8, event=e, args=e)
+
+
 def parse(raw: np.ndarray, line_start: np.ndarray, line_end: np.ndarray,
-          style: str) -> FastFields:
+          style: str, buf: np.ndarray | None = None) -> FastFields:
     """Fast-path fields for the lines [line_start, line_end) of ``raw`` (bytes, uint8).
 
     ``style`` is ``"ftrace"`` (``comm-pid [(tgid)] [cpu] [flags] ts: event: args``)
-    or ``"perf"`` (``comm pid[/tid] [cpu] ts: group:event: args``).
+    or ``"perf"`` (``comm pid[/tid] [cpu] ts: group:event: args``). ``buf``: ``raw``
+    already padded with PAD zero bytes on both sides.
     """
     n = len(line_start)
     # zero padding on both sides: windows near the ends read zeros, not wrap around
-    buf = np.concatenate([np.zeros(PAD, np.uint8), raw, np.zeros(PAD, np.uint8)])
-    data = pa.py_buffer(buf)
+    if buf is None:
+        buf = np.concatenate([np.zeros(PAD, np.uint8), raw, np.zeros(PAD, np.uint8)])
     ls = line_start.astype(np.int64) + PAD
     le = line_end.astype(np.int64) + PAD
 
@@ -224,9 +376,6 @@ def parse(raw: np.ndarray, line_start: np.ndarray, line_end: np.ndarray,
     line_ends_colon = buf[np.maximum(le - 1, 0)] == COLON  # "event:" with no arguments
     ev_end = np.where(ev_colon < le, ev_colon, np.where(line_ends_colon, le - 1, -1))
     ok &= ev_end > ev_start
-    args_start = np.where(ev_colon < le, np.minimum(ev_colon + 2, le), le)
-    # trace-cmd pads after the event's colon
-    args_start = np.minimum(args_start + _skip_spaces(buf, args_start, 40), le)
 
     # --- comm and pid, before the "[cpu]"
     if style == "ftrace":
@@ -262,8 +411,22 @@ def parse(raw: np.ndarray, line_start: np.ndarray, line_end: np.ndarray,
         comm_end = tok_start  # trailing spaces: stripped per distinct comm below
 
     rows = np.flatnonzero(ok)
-    comm = substrings(data, ls[rows], comm_end[rows])
-    event = substrings(data, ev_start[rows], ev_end[rows])
+    return _finish(buf, rows, ls[rows], comm_end[rows], ev_start[rows], ev_end[rows],
+                   le[rows], pid[rows], cpu[rows], ts[rows], irqs_off[rows], irq_ctx[rows],
+                   depth[rows])
+
+
+def _finish(buf: np.ndarray, rows: np.ndarray, ls: np.ndarray, comm_end: np.ndarray,
+            ev_start: np.ndarray, ev_end: np.ndarray, le: np.ndarray, pid: np.ndarray,
+            cpu: np.ndarray, ts: np.ndarray, irqs_off: np.ndarray, irq_ctx: np.ndarray,
+            depth: np.ndarray) -> FastFields:
+    """Check comm and event names (per distinct value) and cut the strings (per row)."""
+    data = pa.py_buffer(buf)
+    args_start = np.minimum(ev_end + 2, le)  # ev_end == le - 1: "event:" and no arguments
+    # trace-cmd pads after the event's colon
+    args_start = np.minimum(args_start + _skip_spaces(buf, args_start, 40), le)
+    comm = substrings(data, ls, comm_end)
+    event = substrings(data, ev_start, ev_end)
     # Per distinct comm / event name (a few hundred at most, not per line):
     # strip padding; reject names that are not identifiers and comms that carry
     # junk in front (console timestamp, mail quote, trace-cmd instance) or ": ".
@@ -282,11 +445,12 @@ def parse(raw: np.ndarray, line_start: np.ndarray, line_end: np.ndarray,
     comm = pa.DictionaryArray.from_arrays(pa.array(comm_idx.astype(np.int32)), comm_vals)
     event = pa.DictionaryArray.from_arrays(pa.array(ev_idx.astype(np.int32)), ev_vals)
     if not good.all():
-        rows = rows[good]
+        rows, args_start, le = rows[good], args_start[good], le[good]
+        pid, cpu, ts = pid[good], cpu[good], ts[good]
+        irqs_off, irq_ctx, depth = irqs_off[good], irq_ctx[good], depth[good]
         keep = pa.array(good)
         comm, event = comm.filter(keep), event.filter(keep)
-    args = substrings(data, args_start[rows], le[rows])
-    return FastFields(rows=rows, comm=comm, pid=pid[rows].astype(np.int32),
-                      cpu=cpu[rows].astype(np.int32), ts=ts[rows], irqs_off=irqs_off[rows],
-                      irq_ctx=irq_ctx[rows], preempt_depth=depth[rows], event=event,
-                      args=args)
+    args = substrings(data, args_start, le)
+    return FastFields(rows=rows, comm=comm, pid=pid.astype(np.int32),
+                      cpu=cpu.astype(np.int32), ts=ts, irqs_off=irqs_off,
+                      irq_ctx=irq_ctx, preempt_depth=depth, event=event, args=args)
