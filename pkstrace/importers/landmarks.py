@@ -198,7 +198,7 @@ def _fixed_layout(buf: np.ndarray, ls: np.ndarray, le: np.ndarray, style: str) -
     dot_col = 42 if style == "ftrace" else 34
     todo = np.arange(n)
     parts: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
-    for extra in range(8):
+    for extra in range(4):  # seconds up to 99999999: more take the search path
         if not len(todo):
             break
         cand = todo[buf[ls[todo] + dot_col + extra] == DOT]
@@ -226,55 +226,118 @@ def _fixed_layout(buf: np.ndarray, ls: np.ndarray, le: np.ndarray, style: str) -
                    f["depth"][found])
 
 
-def _digits_value(mat: np.ndarray) -> np.ndarray:
-    """Rows of digit bytes (non-digits read as 0) as numbers."""
-    d = np.where(_IS_DIGIT[mat], mat, 48).astype(np.int64) - 48
-    return d @ _POW10[mat.shape[1] - 1::-1]
+# SWAR ("SIMD within a register"): 8 bytes of a line read as one little-endian
+# uint64 (the line's first byte in the lowest 8 bits), so that one integer
+# operation checks or converts 8 characters; whole rows of bytes, no (n, k) matrices.
+_U = np.uint64
+_B30, _B10, _B0F = _U(0x3030303030303030), _U(0x1010101010101010), _U(0x0F0F0F0F0F0F0F0F)
+_BF0, _B06, _BFF = _U(0xF0F0F0F0F0F0F0F0), _U(0x0606060606060606), _U(0xFFFFFFFFFFFFFFFF)
+
+
+def _words(buf: np.ndarray) -> np.ndarray:
+    """Every byte offset of buf as the start of an (unaligned) uint64: words[i] = buf[i:i+8]."""
+    return np.ndarray(shape=(len(buf) - 7,), dtype="<u8", buffer=buf, strides=(1,))
+
+
+def _byte_mask(*idx: int) -> np.uint64:
+    return _U(sum(0xFF << (8 * i) for i in idx))
+
+
+def _literal(word: np.ndarray, chars: dict[int, int]) -> np.ndarray:
+    """Rows whose bytes at the given indices (0-7 within the word) are the given chars."""
+    mask = _byte_mask(*chars)
+    value = _U(sum(c << (8 * i) for i, c in chars.items()))
+    return (word & mask) == value
+
+
+def _all_digits(word: np.ndarray, mask: np.uint64 | np.ndarray) -> np.ndarray:
+    """Rows whose bytes under ``mask`` (0xFF per byte) are all ASCII digits."""
+    z = _B30 & mask
+    return ((word & (_BF0 & mask)) == z) & ((((word & mask) + (_B06 & mask)) & _BF0 & mask) == z)
+
+
+def _swar_value(word: np.ndarray) -> np.ndarray:
+    """8 ASCII digits (first byte most significant) -> their value."""
+    x = (word & _B0F) * _U(2561) >> _U(8)
+    x = (x & _U(0x00FF00FF00FF00FF)) * _U(6553601) >> _U(16)
+    return ((x & _U(0x0000FFFF0000FFFF)) * _U(42949672960001) >> _U(32)).astype(np.int64)
+
+
+def _right_aligned(word: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A right-aligned number (``%5d``) in the top ``width`` bytes: (ok, value).
+
+    ok: the field is spaces, then at least one digit, and nothing else.
+    """
+    low = 8 - width
+    field = _BFF << _U(8 * low)
+    spaces = (~word) & _B10 & field  # bit 4 of each space byte (digits have it set)
+    run = (spaces >> _U(8 * low + 4)) * _U(255)  # 0xFF per space byte, from the field's start
+    ok = ((run & (run + _U(1))) == 0) & ((spaces >> _U(60)) == 0)  # spaces a prefix; digit last
+    run_mask = run << _U(8 * low)
+    ok &= ((word & run_mask) == (_U(0x2020202020202020) & run_mask)) \
+        & _all_digits(word, field & ~run_mask)
+    value = _swar_value((word & field) | (_B30 & ~field) | (_B10 & run_mask))
+    return ok, value
+
+
+def _left_aligned(word: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A left-aligned number (``%-7d``) filling the word up to trailing spaces: (ok, value).
+
+    ok: at least one digit, then only spaces (at least one: the last byte is the separator).
+    """
+    spaces = ((~word) & _B10) >> _U(4)
+    run = spaces * _U(255)  # 0xFF per space byte
+    digits = ~run
+    ok = ((digits & (digits + _U(1))) == 0) & ((spaces & _U(1)) == 0) & ((spaces >> _U(56)) == 1)
+    ok &= ((word & run) == (_U(0x2020202020202020) & run)) & _all_digits(word, digits)
+    n_digits = np.clip(np.bitwise_count(digits) // 8, 1, 7).astype(np.uint64)
+    shift = _U(8) * (_U(8) - n_digits)  # 8..56: the digits move to the top bytes
+    value = _swar_value(((word & digits) << shift) | (_B30 >> (_U(64) - shift)))
+    return ok, value
 
 
 def _fixed_header(buf: np.ndarray, ls: np.ndarray, le: np.ndarray, style: str,
                   extra: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    words = _words(buf)
     n = len(ls)
     if style == "ftrace":
         ev = _FTRACE_EV + extra
-        w = _window(buf, ls, ev)
-        ok = (le - ls > ev) & (w[:, 16] == DASH) & (w[:, 24] == SP) & (w[:, 25] == LBR) \
-            & (w[:, 29] == RBR) & (w[:, 30] == SP) & (w[:, 36] == SP)
-        pid_m = w[:, 17:24]  # "%-7d": digits, then spaces
-        pd_ = _IS_DIGIT[pid_m]
-        ok &= pd_[:, 0] & (pd_ | (pid_m == SP)).all(axis=1) & (pd_[:, 1:] <= pd_[:, :-1]).all(1)
-        plen = pd_.sum(axis=1)
-        pid = _digits_value(pid_m) // _POW10[7 - plen]
-        cpu_m = w[:, 26:29]
-        f0, f1, f2 = _F0[w[:, 31]], _F1[w[:, 32]], _F2[w[:, 33]]
-        f3, f4 = _F3[w[:, 34]], _F4[w[:, 35]]
-        ok &= (f0 > -2) & (f1 > -2) & (f2 > -2) & (f3 > -2) & (f4 > -2)
+        w16, w24 = words[ls + 16], words[ls + 24]
+        ok = (le - ls > ev) & _literal(w16, {0: DASH}) \
+            & _literal(w24, {0: SP, 1: LBR, 5: RBR, 6: SP})
+        pid_ok, pid = _left_aligned(words[ls + 17])  # "%-7d" and the space after it
+        cpu_word = words[ls + 21]  # cpu in bytes 5-7 ("%03d")
+        fl = words[ls + 29]  # "] " + 5 flag characters + " "
+        f0, f1 = _F0[(fl >> _U(16)) & _U(255)], _F1[(fl >> _U(24)) & _U(255)]
+        f2, f3 = _F2[(fl >> _U(32)) & _U(255)], _F3[(fl >> _U(40)) & _U(255)]
+        f4 = _F4[(fl >> _U(48)) & _U(255)]
+        ok &= pid_ok & (f0 > -2) & (f1 > -2) & (f2 > -2) & (f3 > -2) & (f4 > -2) \
+            & ((fl >> _U(56)) == SP)
         irqs_off, irq_ctx, depth = f0.astype(np.int8), f2.astype(np.int8), f3.astype(np.int8)
-        sec_m = w[:, 37:42 + extra]
-        frac_m = w[:, 43 + extra:49 + extra]
-        ok &= (w[:, 42 + extra] == DOT) & (w[:, 49 + extra] == COLON) & (w[:, 50 + extra] == SP)
-        comm_end = ls + 16
+        sec_word = words[ls + 34 + extra]  # "%5lu" in the top 5 + extra bytes
+        dot = 42 + extra
+        ok &= buf[ls + dot + 8] == SP
     else:
         ev = _PERF_EV + extra
-        w = _window(buf, ls, ev + 1)
-        ok = (le - ls > ev) & (w[:, 16] == SP) & (w[:, 22] == SP) & (w[:, 23] == LBR) \
-            & (w[:, 27] == RBR) & (w[:, 28] == SP) & (w[:, ev] == SP)
-        pid_m = w[:, 17:22]  # "%5d": spaces, then digits
-        pd_ = _IS_DIGIT[pid_m]
-        ok &= pd_[:, -1] & (pd_ | (pid_m == SP)).all(axis=1) & (pd_[:, 1:] >= pd_[:, :-1]).all(1)
-        pid = _digits_value(pid_m)
-        cpu_m = w[:, 24:27]
+        w16 = words[ls + 16]
+        ok = (le - ls > ev) & _literal(w16, {0: SP, 6: SP, 7: LBR}) \
+            & _literal(words[ls + 27], {0: RBR, 1: SP}) & (buf[ls + ev] == SP)
+        pid_ok, pid = _right_aligned(words[ls + 14], 5)  # "%5d"
+        ok &= pid_ok
+        cpu_word = words[ls + 19]
         irqs_off = irq_ctx = depth = np.full(n, -1, np.int8)
-        sec_m = w[:, 29:34 + extra]
-        frac_m = w[:, 35 + extra:41 + extra]
-        ok &= (w[:, 34 + extra] == DOT) & (w[:, 41 + extra] == COLON)
-        comm_end = ls + 16
-    ok &= _IS_DIGIT[cpu_m].all(axis=1) & _IS_DIGIT[frac_m].all(axis=1)
-    sd = _IS_DIGIT[sec_m]  # "%5lu": spaces, then at least one digit
-    ok &= sd[:, -1] & (sd | (sec_m == SP)).all(axis=1) & (sd[:, 1:] >= sd[:, :-1]).all(axis=1)
-    ts = _digits_value(sec_m) * 1_000_000_000 + _digits_value(frac_m) * 1000
-    return ok, {"pid": pid, "cpu": _digits_value(cpu_m), "ts": ts, "irqs_off": irqs_off,
-                "irq_ctx": irq_ctx, "depth": depth, "comm_end": comm_end,
+        sec_word = words[ls + 26 + extra]
+        dot = 34 + extra
+    ok &= _all_digits(cpu_word, _byte_mask(5, 6, 7))
+    cpu = _swar_value((cpu_word & _byte_mask(5, 6, 7)) | (_B30 & ~_byte_mask(5, 6, 7)))
+    sec_ok, sec = _right_aligned(sec_word, 5 + extra)
+    frac_word = words[ls + dot + 1]  # 6 digits, ":", " "/anything
+    ok &= sec_ok & (buf[ls + dot] == DOT) & _literal(frac_word, {6: COLON}) \
+        & _all_digits(frac_word, _byte_mask(0, 1, 2, 3, 4, 5))
+    frac = _swar_value((frac_word << _U(16)) | _U(0x3030))
+    ts = sec * 1_000_000_000 + frac * 1000
+    return ok, {"pid": pid, "cpu": cpu, "ts": ts, "irqs_off": irqs_off,
+                "irq_ctx": irq_ctx, "depth": depth, "comm_end": ls + 16,
                 "ev_start": ls + ev}
 
 
