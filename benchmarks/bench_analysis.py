@@ -117,6 +117,7 @@ def build_trace(path: Path, n_events: int) -> None:
 def _replay_once(path: Path) -> dict[str, Any]:
     exe = ROOT / ".venv/bin/pkstrace"
     cmd = [str(exe), "replay", str(path), "--json", "--isolated", ISOLATED]
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     with open(os.devnull, "wb") as devnull:
         proc = subprocess.Popen(cmd, stdout=devnull, stderr=subprocess.PIPE)
@@ -126,8 +127,11 @@ def _replay_once(path: Path) -> dict[str, Any]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"bench_analysis: replay failed ({proc.returncode}): {err.strip()}")
+    # the 1-minute load average around the run: the host is shared, and wall time
+    # stretches with it (CPU time much less)
     return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime,
-            "peak_rss_bytes": ru.ru_maxrss * 1024}
+            "peak_rss_bytes": ru.ru_maxrss * 1024,
+            "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
 def _families_once(path: Path) -> dict[str, Any]:
@@ -197,13 +201,15 @@ def main() -> int:
             "replay_cpu_s_median": round(cpu, 3),
             "events_per_cpu_s": round(n / cpu),
             "peak_rss_bytes": rss, "peak_rss_gib": round(rss / (1 << 30), 3),
+            "load_avg_1m_range": [min(min(r["load_avg_1m"]) for r in e2e),
+                                  max(max(r["load_avg_1m"]) for r in e2e)],
             "families_s_median": fam_med,
             "replay_runs": e2e, "families_runs": fam,
         }
         results.append(res)
         print(f"bench_analysis: {n:>11,} events: replay {wall:.2f}s "
               f"({n / wall / 1e6:.2f} M events/s; CPU {cpu:.2f}s), "
-              f"peak RSS {rss / (1 << 30):.2f} GiB; "
+              f"peak RSS {rss / (1 << 30):.2f} GiB; load {res['load_avg_1m_range']}; "
               f"families {fam_med}", file=sys.stderr, flush=True)
     largest = max(results, key=lambda r: r["events"])
     eps = largest["events_per_s"]
@@ -238,7 +244,10 @@ def main() -> int:
         "smoke": bool(args.smoke),
         "results": results,
         "targets": targets,
-        "note": "timings are wall clock on a shared 2-core machine: medians of the runs",
+        "note": "wall clock and CPU time (user + system, both threads) on a shared 2-core "
+                "machine: medians of the runs; families_s_median: 'name' is wall, "
+                "'cpu:name' the CPU time of the thread that ran it (counts and redundant "
+                "run in a second thread beside crosscpu, so their wall times overlap)",
     }
     out_dir = Path(os.environ.get("PKSTRACE_BENCH_RESULTS", ROOT / "benchmarks/results"))
     write_json_atomic(out_dir / "analysis.json", doc)

@@ -168,8 +168,31 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def _column_values(s: pd.Series) -> list[Any]:
+    """One column as JSON-safe Python values, converted column-wise (numpy's tolist
+    makes Python ints / floats / bools at C speed); only object columns holding
+    something other than strings go value by value through _clean."""
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        s = s.astype(object)
+    a = s.to_numpy()
+    if a.dtype.kind in "iub":
+        return a.tolist()
+    if a.dtype.kind == "f":
+        bad = ~np.isfinite(a)
+        if bad.any():  # NaN / inf -> None, as _clean does
+            out = a.astype(object)
+            out[bad] = None
+            return out.tolist()
+        return a.tolist()
+    if a.dtype.kind == "O" and pd.api.types.infer_dtype(a, skipna=False) == "string":
+        return a.tolist()
+    return [_clean(v) for v in a.tolist()]
+
+
 def records(df: pd.DataFrame) -> list[dict[str, Any]]:
     """A table as a list of flat JSON rows."""
     if df is None or len(df) == 0:
         return []
-    return [_clean(r) for r in df.to_dict(orient="records")]
+    names = [str(c) for c in df.columns]
+    cols = [_column_values(df.iloc[:, i]) for i in range(df.shape[1])]
+    return [dict(zip(names, vals, strict=True)) for vals in zip(*cols, strict=True)]

@@ -13,6 +13,7 @@ over events.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -50,7 +51,7 @@ class Prepared:
     kind: np.ndarray  # int8 codes into schema.KINDS
     n: int
     notes: list[str] = field(default_factory=list)
-    _cache: dict[str, np.ndarray] = field(default_factory=dict)
+    _cache: dict[str, Any] = field(default_factory=dict)
 
     def col(self, name: str) -> np.ndarray:
         """A numeric column as a numpy array (NA sentinel if the table lacks it)."""
@@ -67,7 +68,8 @@ class Prepared:
     def codes(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """A string column as (codes, categories); code -1 = missing."""
         key = "codes:" + name
-        if key not in self._cache:
+        got = self._cache.get(key)
+        if got is None:
             if name in self.ev.columns:
                 s = self.ev[name]
                 if not isinstance(s.dtype, pd.CategoricalDtype):
@@ -77,9 +79,9 @@ class Prepared:
             else:
                 codes = np.full(self.n, -1, dtype=np.int8)
                 cats = np.array([], dtype=object)
-            self._cache[key] = codes
-            self._cache["cats:" + name] = cats
-        return self._cache[key], self._cache["cats:" + name]
+            got = (codes, cats)
+            self._cache[key] = got  # one store, so a parallel family never sees half
+        return got
 
     def strings(self, name: str, rows: np.ndarray) -> np.ndarray:
         """The string values of ``rows`` (object array; "" where missing)."""
@@ -89,16 +91,42 @@ class Prepared:
 
     def rows(self, *kinds: schema.Kind | str) -> np.ndarray:
         """Row numbers of events of the given kinds, in time order (int32 when the
-        table allows: half the memory for every array derived from them)."""
-        if len(kinds) == 1:
-            rows = np.flatnonzero(self.kind == KIND_CODE[str(kinds[0])])
-        else:
-            mask = np.zeros(self.n, dtype=bool)
-            for k in kinds:
-                mask |= self.kind == KIND_CODE[str(k)]
-            rows = np.flatnonzero(mask)
-            del mask
-        return rows.astype(np.int32) if self.n < 1 << 31 else rows
+        table allows: half the memory for every array derived from them).
+
+        The families ask for the same kinds again and again: every kind's rows come
+        from one stable radix sort of the int8 kind codes (made once, by
+        :meth:`warm`), instead of a pass over all events per call."""
+        by_kind = self._rows_by_kind()
+        parts = [by_kind[KIND_CODE[str(k)]] for k in kinds]
+        if len(parts) == 1:
+            return parts[0]
+        # each part is sorted: a stable sort of their concatenation merges the runs
+        return np.sort(np.concatenate(parts), kind="stable")
+
+    def _rows_by_kind(self) -> list[np.ndarray]:
+        cached = self._cache.get("rows_by_kind")
+        if cached is None:
+            dt = np.int32 if self.n < 1 << 31 else np.int64
+            order = np.argsort(self.kind, kind="stable").astype(dt, copy=False)
+            order.setflags(write=False)  # shared by every family: read only
+            sizes = np.bincount(self.kind[self.kind >= 0].astype(np.int64),
+                                minlength=len(schema.KINDS))
+            start = int((self.kind < 0).sum())  # code -1 (no kind) sorts first
+            cached = []
+            for size in sizes:
+                cached.append(order[start:start + int(size)])
+                start += int(size)
+            self._cache["rows_by_kind"] = cached
+        return cached
+
+    def warm(self, columns: tuple[str, ...], string_columns: tuple[str, ...]) -> None:
+        """Fill the lazy caches up front, so that families running in parallel
+        threads only read them."""
+        self._rows_by_kind()
+        for c in columns:
+            self.col(c)
+        for c in string_columns:
+            self.codes(c)
 
 
 def prepare(trace: schema.Trace) -> Prepared:

@@ -77,13 +77,16 @@ def redundant(p: Prepared) -> Redundant:
         w = np.flatnonzero(is_w)
         wrows = rows[w]
         names = np.array([schema.msr_name(int(m)) for m in muniq], dtype=object)
-        t = pd.DataFrame({"cpu": cpu[wrows], "msr": msr[w], "mcode": mcode[w],
-                          "redundant": red[w]})
-        g = t.groupby(["cpu", "msr"], sort=True)
-        by_cpu_msr = pd.DataFrame({"writes": g.size(), "redundant": g["redundant"].sum(),
-                                   "mcode": g["mcode"].first()}).reset_index()
-        by_cpu_msr["msr_name"] = names[by_cpu_msr["mcode"].to_numpy()]
-        by_cpu_msr = by_cpu_msr[REDUNDANT_BY_CPU_MSR_COLUMNS]
+        # per (cpu, msr): one dense key (mcode follows the MSR's sort order), counted
+        # with bincount, in (cpu, msr) order as a sorted groupby gives it
+        nm = len(muniq)
+        wcpu = cpu[wrows].astype(np.int64)
+        cpu_lo = int(wcpu.min()) if len(wcpu) else 0
+        keys, writes, n_red = _count_by_key((wcpu - cpu_lo) * nm + mcode[w], red[w])
+        kc = keys % nm
+        by_cpu_msr = pd.DataFrame({
+            "cpu": (keys // nm + cpu_lo).astype(cpu.dtype), "msr": muniq[kc],
+            "msr_name": names[kc], "writes": writes, "redundant": n_red})
         # attribution of writes: handler func, else write_pkrs for PKRS writes
         handler = enclosing_handler(p, wrows)
         fcodes, fcats = p.codes("func")
@@ -98,14 +101,17 @@ def redundant(p: Prepared) -> Redundant:
             site[np.flatnonzero(pk)[by_wp]] = n_f + 1
         site_names = np.append(fcats.astype(object), ["", "write_pkrs"])
         comm_codes, comm_cats = p.codes("comm")
-        t2 = pd.DataFrame({"comm_code": comm_codes[wrows].astype(np.int64), "site": site,
-                           "msr": msr[w], "mcode": mcode[w], "redundant": red[w]})
-        g2 = t2.groupby(["comm_code", "site", "msr"], sort=True)
-        bt = pd.DataFrame({"writes": g2.size(), "redundant": g2["redundant"].sum(),
-                           "mcode": g2["mcode"].first()}).reset_index()
-        bt["comm"] = np.append(comm_cats.astype(object), "")[bt["comm_code"].to_numpy()]
-        bt["callsite"] = site_names[bt["site"].to_numpy()]
-        bt["msr_name"] = names[bt["mcode"].to_numpy()]
+        # per (task, callsite, msr), in that sorted order (code -1, no comm, first)
+        n_site = n_f + 2
+        ckey = comm_codes[wrows].astype(np.int64) + 1
+        keys, writes, n_red = _count_by_key((ckey * n_site + site) * nm + mcode[w], red[w])
+        kc = keys % nm
+        ks = (keys // nm) % n_site
+        kcomm = keys // (nm * n_site) - 1
+        bt = pd.DataFrame({
+            "comm": np.append(comm_cats.astype(object), "")[kcomm],
+            "callsite": site_names[ks], "msr": muniq[kc], "msr_name": names[kc],
+            "writes": writes, "redundant": n_red})
         by_task = bt.sort_values(["redundant", "writes"], ascending=False, kind="stable")
         by_task = by_task[REDUNDANT_BY_TASK_COLUMNS].reset_index(drop=True)
         for df in (by_cpu_msr, by_task):
@@ -116,6 +122,19 @@ def redundant(p: Prepared) -> Redundant:
     wp_rows, wp_hit, wp_table = _write_pkrs(p, cpu)
     return Redundant(total=total, by_cpu_msr=by_cpu_msr, by_task=by_task,
                      write_pkrs=wp_table, wp_rows=wp_rows, wp_hit=wp_hit)
+
+
+def _count_by_key(key: np.ndarray, flag: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                                 np.ndarray]:
+    """(distinct keys in ascending order, rows per key, flagged rows per key)."""
+    if len(key) and int(key.max()) < max(1 << 22, 4 * len(key)):
+        n = np.bincount(key)
+        uniq = np.flatnonzero(n)
+        flagged = np.bincount(key, weights=flag, minlength=len(n))[uniq]
+        return uniq, n[uniq].astype(np.int64), np.rint(flagged).astype(np.int64)
+    uniq, inv, n = np.unique(key, return_inverse=True, return_counts=True)
+    flagged = np.bincount(inv, weights=flag, minlength=len(uniq))
+    return uniq, n.astype(np.int64), np.rint(flagged).astype(np.int64)
 
 
 def _write_pkrs(p: Prepared, cpu: np.ndarray) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
