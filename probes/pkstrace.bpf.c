@@ -21,7 +21,7 @@
 //   - counts: a per-CPU array slot whose index is a constant for all but the
 //     MSR probes (the kernel inlines the lookup: no helper call, no hash, no lock),
 //     and arrays, not hashes, for the calls, the in-flight table and latencies;
-//   - events: a 64-byte record (was 128) written field by field (no memset), no
+//   - events: a 56-byte record, 64 with its header (was 128 + 8) written field by field (no memset), no
 //     bpf_get_current_comm() per event (only sched_switch carries names; the
 //     Python side maps pid -> comm from them), and no wake-up per record
 //     (BPF_RB_NO_WAKEUP: the reader polls on a timer; a wake-up is an irq_work
@@ -70,17 +70,20 @@ struct event_t {
             u64 c;
             s32 i;
             u32 pad;
-            u64 pad2[2];
+            u64 pad2;
         } g;
         struct {
-            s64 prev_state;
+            s32 prev_state;     // the kernel's long; every state fits 32 bits
             s32 next_pid;
-            u32 pad;
             char prev_comm[16];
             char next_comm[16];
         } sw;
     };
 };
+
+// 56 bytes: with the ring's 8-byte record header, one record = one cache line,
+// and every record starts on a line (the data area is page aligned).
+_Static_assert(sizeof(struct event_t) == 56, "event_t must stay 56 bytes");
 
 struct other_msr_key_t {
     u32 kind;
@@ -441,7 +444,6 @@ TRACEPOINT_PROBE(sched, sched_switch)
     e->failed = -1;
     e->sw.prev_state = args->prev_state;
     e->sw.next_pid = args->next_pid;
-    e->sw.pad = 0;
     // The names are in the tracepoint record itself: plain loads, no helper.
     __builtin_memcpy(e->sw.prev_comm, args->prev_comm, sizeof(e->sw.prev_comm));
     __builtin_memcpy(e->sw.next_comm, args->next_comm, sizeof(e->sw.next_comm));
