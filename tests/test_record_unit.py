@@ -162,8 +162,12 @@ def test_bcc_filter_conditions_collapse_ranges() -> None:
 
     assert _cond("c", []) == "1"
     assert _cond("c", [0, 1, 2, 5]) == "(((c) >= 0x0 && (c) <= 0x2) || (c) == 0x5)"
-    # struct event_t in probes/pkstrace.bpf.c is 128 bytes with comm at 96.
-    assert EVENT_DTYPE.itemsize == 128 and EVENT_DTYPE.fields["comm"][1] == 96
+    # struct event_t in probes/pkstrace.bpf.c: 56 bytes (64 with the ring's record
+    # header: one cache line), sched_switch's names at 24 and 40 in its union body.
+    assert EVENT_DTYPE.itemsize == 56
+    assert EVENT_DTYPE.fields["prev_comm"][1] == 24 and EVENT_DTYPE.fields["next_comm"][1] == 40
+    assert "\n_Static_assert(sizeof(struct event_t) == 56" in (
+        Path(__file__).resolve().parents[1] / "probes" / "pkstrace.bpf.c").read_text()
 
 
 def test_btf_func_id_reads_vmlinux_btf() -> None:
