@@ -598,6 +598,7 @@ def events_from_fields(h: HeaderFields, stats: ImportStats) -> pd.DataFrame:
     str_cols = {c: _CodedStrings(n)
                 for c in ("callsite", "func", "cpumask", "next_comm", "prev_state")}
     by_name: dict[str, list[int]] = {}
+    view: ArgsView | None = None
     for code, name in enumerate(names):
         if counts[code]:
             by_name.setdefault(name, []).append(code)
@@ -608,11 +609,12 @@ def events_from_fields(h: HeaderFields, stats: ImportStats) -> pd.DataFrame:
         if kind is None:
             stats.count_unmodeled(name, len(rows))
             continue
-        args = h.args.take(pa.array(rows))
         if kind in _KPROBE_PATTERNS:
-            ok = _kprobe_args(kind, name, args, rows, cols, stats)
+            ok = _kprobe_args(kind, name, h.args.take(pa.array(rows)), rows, cols, stats)
         else:
-            ok = _tracepoint_args(canon, args, rows, cols, str_cols, kind)
+            if view is None:
+                view = ArgsView.of(h.args)
+            ok = _tracepoint_args(canon, view, h.args, rows, cols, str_cols, kind)
             bad = int((~ok).sum())
             if bad:
                 stats.count_unparsed(f"bad arguments for {name}", bad)
@@ -657,56 +659,163 @@ def _kprobe_args(kind: schema.Kind, name: str, args: pa.Array, rows: np.ndarray,
     return ~ret
 
 
-# The usual spelling of each tracepoint's arguments, checked with a DFA match
-# (fast) and then cut with a plain split: (pattern, separator, columns, prefix
-# lengths). Lines that differ (a module suffix, " #GP", another kernel's format)
-# fall through to ARG_PATTERNS.
-_HEXW = r"[0-9a-fA-F]{1,16}"
-FAST_ARGS: dict[str, tuple[str, str | None, tuple[str, ...], tuple[int, ...]]] = {
-    "write_msr": (rf"^{_HEXW}, value {_HEXW}$", ", value ", ("msr", "value"), (0, 0)),
-    "read_msr": (rf"^{_HEXW}, value {_HEXW}$", ", value ", ("msr", "value"), (0, 0)),
-    "csd_queue_cpu": (r"^cpu=\d{1,6} callsite=\S+ func=\S+ csd=\S+$", " ",
-                      ("target_cpu", "callsite", "func", "csd"), (4, 9, 5, 4)),
-    "csd_function_entry": (r"^func=\S+, csd=\S+$", ", ", ("func", "csd"), (5, 4)),
-    "csd_function_exit": (r"^func=\S+, csd=\S+$", ", ", ("func", "csd"), (5, 4)),
-    "ipi_send_cpu": (r"^cpu=\d{1,6} callsite=\S+ callback=\S+$", " ",
-                     ("target_cpu", "callsite", "func"), (4, 9, 9)),
-    "ipi_send_cpumask": (r"^cpumask=[0-9a-fA-F,\-]* callsite=\S+ callback=\S+$", " ",
-                         ("cpumask", "callsite", "func"), (8, 9, 9)),
-    # comms without spaces (nearly all): 8 space-separated tokens
-    "sched_switch": (r"^prev_comm=\S+ prev_pid=\d+ prev_prio=-?\d+ prev_state=\S+ ==> "
-                     r"next_comm=\S+ next_pid=\d+ next_prio=-?\d+$", " ",
-                     ("_prev_comm", "_prev_pid", "_x1", "prev_state", "_x2", "next_comm",
-                      "next_pid", "_x3"), (10, 9, 0, 11, 0, 10, 9, 0)),
-    "call_function_entry": (r"^vector=\d{1,6}$", None, ("vector",), (7,)),
-    "call_function_exit": (r"^vector=\d{1,6}$", None, ("vector",), (7,)),
-    "call_function_single_entry": (r"^vector=\d{1,6}$", None, ("vector",), (7,)),
-    "call_function_single_exit": (r"^vector=\d{1,6}$", None, ("vector",), (7,)),
+# The usual spelling as keys in order: (text before the value, column). A value
+# runs to the next key's text (or the end of the arguments). Columns starting
+# with "_" are checked (numbers) or skipped, not stored.
+FAST_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
+    "csd_queue_cpu": (("cpu=", "target_cpu"), (" callsite=", "callsite"), (" func=", "func"),
+                      (" csd=", "csd")),
+    "csd_function_entry": (("func=", "func"), (", csd=", "csd")),
+    "csd_function_exit": (("func=", "func"), (", csd=", "csd")),
+    "ipi_send_cpu": (("cpu=", "target_cpu"), (" callsite=", "callsite"),
+                     (" callback=", "func")),
+    "ipi_send_cpumask": (("cpumask=", "cpumask"), (" callsite=", "callsite"),
+                         (" callback=", "func")),
+    "sched_switch": (("prev_comm=", "_prev_comm"), (" prev_pid=", "_prev_pid"),
+                     (" prev_prio=", "_prev_prio"), (" prev_state=", "prev_state"),
+                     (" ==> next_comm=", "next_comm"), (" next_pid=", "next_pid"),
+                     (" next_prio=", "_next_prio")),
+    "call_function_entry": (("vector=", "vector"),),
+    "call_function_exit": (("vector=", "vector"),),
+    "call_function_single_entry": (("vector=", "vector"),),
+    "call_function_single_exit": (("vector=", "vector"),),
+    # "830, value 1000000fb": the first value has no key; cut at the comma
+    "write_msr": (("", "msr"), (", value ", "value")),
+    "read_msr": (("", "msr"), (", value ", "value")),
 }
+_SIGNED_CHECK = ("_prev_pid", "_prev_prio", "_next_prio")
 
 
-def _fast_args(canon: str, args: pa.Array) -> tuple[np.ndarray, dict[str, Any]]:
-    """Rows in the usual spelling (mask) and their fields, cut without regex captures."""
-    spec = FAST_ARGS.get(canon)
-    if spec is None:
-        return np.zeros(len(args), bool), {}
-    pattern, sep, names, skips = spec
-    mask = np.asarray(pc.fill_null(pc.match_substring_regex(args, pattern), False))
-    if not mask.any():
-        return mask, {}
-    sub = args if mask.all() else args.filter(pa.array(mask))
-    k = len(names)
-    if sep is None:
-        pieces = [sub]
-    else:
-        flat = pc.split_pattern(sub, sep).flatten()
-        pieces = [flat.take(pa.array(np.arange(i, len(flat), k))) if not names[i].startswith(
-            ("_x", "_prev")) else None for i in range(k)]
-    # numbers are read past their "key=" in place; strings are sliced
-    return mask, {name: (p, skip) if name in _HEX_COLUMNS or name in _DEC_COLUMNS
-                  else (pc.utf8_slice_codeunits(p, skip) if skip else p)
-                  for name, p, skip in zip(names, pieces, skips, strict=True)
-                  if not name.startswith(("_x", "_prev"))}
+@dataclass
+class ArgsView:
+    """A chunk's argument strings as byte positions in one zero-padded buffer."""
+
+    buf: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+    eq: np.ndarray  # positions of every '='
+    comma: np.ndarray  # positions of every ','
+
+    @staticmethod
+    def of(args: pa.Array) -> ArgsView:
+        buf, starts, ends, _ = _string_bytes(args)
+        return ArgsView(buf, starts, ends, np.flatnonzero(buf == ord("=")),
+                        np.flatnonzero(buf == ord(",")))
+
+
+def _text_at(buf: np.ndarray, pos: np.ndarray, text: bytes) -> np.ndarray:
+    """Rows where buf[pos:pos+len(text)] == text (8 bytes per uint64 comparison)."""
+    from pkstrace.importers.landmarks import _words
+    words = _words(buf)
+    pos = np.clip(pos, 0, len(words) - 1)
+    ok = np.ones(len(pos), bool)
+    for i in range(0, len(text), 8):
+        piece = text[i:i + 8]
+        mask = np.uint64((1 << (8 * len(piece))) - 1)
+        ok &= (words[np.minimum(pos + i, len(words) - 1)] & mask) \
+            == np.uint64(int.from_bytes(piece, "little"))
+    return ok
+
+
+def _next_marks(marks: np.ndarray, at: np.ndarray, k: int, end: int) -> list[np.ndarray]:
+    """The first k mark positions at or after each ``at`` (``end``, past every string,
+    if none: a position still inside the buffer)."""
+    j = np.searchsorted(marks, at)
+    ext = np.append(marks, end)
+    return [ext[np.minimum(j + i, len(marks))] for i in range(k)]
+
+
+def _dec_at(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+            signed: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Decimal numbers of 1-9 digits at [starts, ends) -> (int64 values, ok)."""
+    from pkstrace.importers.landmarks import _uint_ending_at
+    neg = (buf[starts] == ord("-")) & signed
+    first = starts + neg
+    val, length = _uint_ending_at(buf, ends, 10)
+    ok = (length == ends - first) & (length >= 1) & (length <= 9)
+    return np.where(neg, -val, val), ok
+
+
+def _fast_args_at(canon: str, view: ArgsView, rows: np.ndarray,
+                  ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Rows in the usual spelling (mask over ``rows``) and their fields, cut by position.
+
+    Keys are found as the k-th '=' after the start of the arguments and checked
+    byte for byte; a value holding a '=' or ending in ',' (another spelling) or a
+    number that does not convert leaves its row to the patterns.
+    """
+    spec = FAST_KEYS.get(canon)
+    n = len(rows)
+    if spec is None or n == 0:
+        return np.zeros(n, bool), {}
+    buf = view.buf
+    starts, ends = view.starts[rows], view.ends[rows]
+    keyless = spec[0][0] == ""
+    marks = view.comma if keyless else view.eq
+    # the last byte of each text before a value: its '=' (or the ',' of ", value ")
+    n_marks = len(spec) - (1 if keyless else 0)
+    *key_end, after = _next_marks(marks, starts, n_marks + 1, len(buf) - 1)
+    if keyless:
+        key_end = [starts - 1] + [k + len(spec[1][0]) - 1 for k in key_end]
+    ok = np.ones(n, bool)
+    # no further mark inside the arguments: exactly the keys we expect
+    ok &= after >= ends
+    v_start, v_end = [], []
+    for i, (text, _col) in enumerate(spec):
+        if text:
+            t0 = key_end[i] + 1 - len(text)
+            ok &= _text_at(buf, t0, text.encode()) & (key_end[i] < ends)
+            if i == 0:
+                ok &= t0 == starts
+        vs = key_end[i] + 1
+        ve = ends if i == len(spec) - 1 else key_end[i + 1] + 1 - len(spec[i + 1][0])
+        ok &= ve > vs
+        v_start.append(vs)
+        v_end.append(np.maximum(ve, vs))
+    last = np.maximum(ends - 1, 0)
+    ok &= (buf[last] != ord(" ")) & (buf[last] != ord("\t"))  # trailing blanks: patterns
+    fields: dict[str, Any] = {}
+    from pkstrace.importers.landmarks import substrings
+    data = pa.py_buffer(buf)
+    for (_text, col), ve in zip(spec, v_end, strict=True):
+        if col in _HEX_COLUMNS or col in _DEC_COLUMNS or col in _SIGNED_CHECK:
+            continue
+        ok &= buf[np.maximum(ve - 1, 0)] != ord(",")
+    sel = np.flatnonzero(ok)
+    for (_text, col), vs, ve in zip(spec, v_start, v_end, strict=True):
+        vs, ve = vs[sel], ve[sel]
+        if col in _HEX_COLUMNS:
+            vals, vok = hex_to_u64(substrings(data, vs, ve))
+            fields[col] = vals
+        elif col in _DEC_COLUMNS or col in _SIGNED_CHECK:
+            vals, vok = _dec_at(buf, vs, ve, signed=col in _SIGNED_CHECK or col == "next_pid")
+            if col in _DEC_COLUMNS:
+                fields[col] = vals
+        elif col.startswith("_"):
+            continue
+        else:
+            fields[col] = substrings(data, vs, ve)
+            if col == "cpumask":
+                vok = _is_cpumask_text(fields[col])
+            else:
+                continue
+        bad = ~vok
+        if bad.any():
+            ok[sel[bad]] = False
+    if not ok.any():
+        return ok, {}
+    keep = ok[sel]
+    if not keep.all():
+        fk = pa.array(keep)
+        fields = {c: v[keep] if isinstance(v, np.ndarray) else v.filter(fk)
+                  for c, v in fields.items()}
+    return ok, fields
+
+
+def _is_cpumask_text(arr: pa.Array) -> np.ndarray:
+    d = pc.dictionary_encode(arr)
+    good = pc.match_substring_regex(d.dictionary, r"^[0-9a-fA-F,\-]*$")
+    return np.asarray(good.fill_null(False))[np.asarray(d.indices)]
 
 
 def _store(fields: dict[str, Any], rows: np.ndarray, kind: schema.Kind,
@@ -717,6 +826,9 @@ def _store(fields: dict[str, Any], rows: np.ndarray, kind: schema.Kind,
     for col, a in fields.items():
         if col.startswith(("_prev", "_x")):
             continue  # sched_switch's prev comm/pid (the line's own) and priorities
+        if isinstance(a, np.ndarray):  # converted already (the positional path)
+            parsed[col] = a
+            continue
         a, skip = a if isinstance(a, tuple) else (a, 0)
         if col in _HEX_COLUMNS:
             parsed[col], vok = hex_to_u64(a, skip)
@@ -751,25 +863,28 @@ def _store(fields: dict[str, Any], rows: np.ndarray, kind: schema.Kind,
     return good
 
 
-def _tracepoint_args(canon: str, args: pa.Array, rows: np.ndarray,
+def _tracepoint_args(canon: str, view: ArgsView, all_args: pa.Array, rows: np.ndarray,
                      cols: dict[str, np.ndarray], str_cols: dict[str, _CodedStrings],
                      kind: schema.Kind) -> np.ndarray:
     """Parse one tracepoint's arguments: usual spelling first, then its patterns in order.
 
-    Returns the mask of rows whose arguments were understood.
+    ``rows`` index ``all_args`` (and ``view``, the same strings as byte positions).
+    Returns the mask of rows whose arguments were understood. A row the usual
+    spelling cut but could not convert (a number too long, a mask that is no mask)
+    goes through the patterns like any other row, so both paths agree on it.
     """
     ok = np.zeros(len(rows), bool)
-    fast_mask, fields = _fast_args(canon, args)
+    fast_mask, fields = _fast_args_at(canon, view, rows)
     if fast_mask.any():
         fi = np.flatnonzero(fast_mask)
         good = _store(fields, rows[fi], kind, cols, str_cols)
         ok[fi[good]] = True
-    remaining = ~fast_mask
+    remaining = ~ok
     for pat in ARG_PATTERNS[canon]:
         if not remaining.any():
             break
         sub_idx = np.flatnonzero(remaining)
-        sub_args = args if len(sub_idx) == len(rows) else args.take(pa.array(sub_idx))
+        sub_args = all_args.take(pa.array(rows[sub_idx]))
         m = pc.extract_regex(sub_args, pat)
         matched = np.asarray(m.is_valid())
         if not matched.any():
