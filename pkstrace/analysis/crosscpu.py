@@ -39,7 +39,8 @@ from pkstrace.analysis.prep import (
     KIND_CODE,
     Prepared,
     asof_prev,
-    hashed_group_order,
+    dense_key,
+    grouped_order,
     latency_table,
     neighbours,
     percentiles,
@@ -83,12 +84,9 @@ def cross_cpu(p: Prepared) -> CrossCpu:
     is_q, is_e, is_x = rank == 0, rank == 1, rank == 2
     run_cpu = np.where(is_q, p.col("target_cpu")[sub], cpu_all[sub]).astype(np.int32)
     fn = func_codes[sub].astype(np.int32)
-    order = hashed_group_order(run_cpu, csd, fn)
-    if len(order) > 1:
-        o1, o0 = order[1:], order[:-1]
-        same = (run_cpu[o1] == run_cpu[o0]) & (csd[o1] == csd[o0]) & (fn[o1] == fn[o0])
-    else:
-        same = np.zeros(0, dtype=bool)
+    # one exact key per (CPU the function runs on, csd token, func): the tokens are
+    # factorised (a hash pass), CPUs and func codes are small ranges
+    order, same = grouped_order(dense_key(run_cpu, csd, fn))
     prev, nxt = neighbours(order, same)
     del order, same, run_cpu, fn, ts  # full-size temporaries: free before the next step
     has_nxt, has_prev = nxt >= 0, prev >= 0
