@@ -127,9 +127,10 @@ def _cross(f: Findings) -> list[str]:
     s = f.cross_cpu_summary
     if not s or not s.get("count"):
         return ["", "Cross-CPU calls: none"]
+    exits = "" if f.trace.get("aggregates") else f", {s['unmatched_exit']} exit"
     out = ["", f"Cross-CPU calls: {s['remote']} remote, {s['local']} local; "
-               f"unmatched: {s['unmatched_queue']} queue, {s['unmatched_entry']} entry, "
-               f"{s['unmatched_exit']} exit"]
+               f"unmatched: {s['unmatched_queue']} queue, {s['unmatched_entry']} entry"
+               + exits]
     if s.get("remote"):
         bucketed = bool(f.trace.get("aggregates"))
         lat = (f"  latency p50 {_dur(s['p50_ns'])}  p90 {_dur(s['p90_ns'])}  "
