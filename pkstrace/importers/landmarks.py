@@ -358,7 +358,8 @@ def _event_colons(buf: np.ndarray, ev_start: np.ndarray, le: np.ndarray) -> np.n
         if off <= 0:
             todo = todo[1:]  # no ": " (an event without arguments): the search path
             continue
-        at = ev_start[todo] + off
+        # clipped: another row's line may end (with the buffer) before this offset
+        at = np.minimum(ev_start[todo] + off, len(buf) - 2)
         hit = (buf[at] == COLON) & (buf[at + 1] == SP) & (at + 1 < le[todo])
         out[todo[hit]] = at[hit]
         todo = todo[~hit]
