@@ -174,16 +174,6 @@ class RingReader:
                                   mmap.PROT_READ, offset=page)
         self.data_off = page
 
-    def wait(self, timeout: float) -> None:
-        # The probes submit without waking us (BPF_RB_NO_WAKEUP): this select
-        # returns at once when records are pending, else after the timeout.
-        if self.pending():
-            return
-        try:
-            select.select([self.fd], [], [], timeout)
-        except (InterruptedError, OSError):
-            pass
-
     def pending(self) -> int:
         prod = struct.unpack_from("<Q", self.producer, 0)[0]
         cons = struct.unpack_from("<Q", self.consumer, 0)[0]
@@ -397,10 +387,6 @@ class BccBackend(Backend):
         """
         now = {k: v.get("recursion_misses", 0) for k, v in self._prog_fdinfo().items()}
         return {k: n - self._misses_at_start.get(k, 0) for k, n in now.items()}
-
-    def _on_event(self, ctx: Any, data: int, size: int) -> None:
-        # Per event: one copy of the bytes; decoding happens per batch in numpy.
-        self._chunks.append(ctypes.string_at(data, size))
 
     def read(self, timeout: float = 0.2) -> pd.DataFrame:
         if self.bpf is None:
