@@ -751,12 +751,18 @@ def _fast_args_at(canon: str, view: ArgsView, rows: np.ndarray,
     buf = view.buf
     starts, ends = view.starts[rows], view.ends[rows]
     keyless = spec[0][0] == ""
+    mark = "," if keyless else "="
     marks = view.comma if keyless else view.eq
-    # the last byte of each text before a value: its '=' (or the ',' of ", value ")
-    n_marks = len(spec) - (1 if keyless else 0)
-    *key_end, after = _next_marks(marks, starts, n_marks + 1, len(buf) - 1)
-    if keyless:
-        key_end = [starts - 1] + [k + len(spec[1][0]) - 1 for k in key_end]
+    # Each text's last mark (its '=', or the ',' of ", value "); " ==> " holds two
+    # more. A mark's index among the row's marks follows from the texts before it.
+    last_mark = np.cumsum([text.count(mark) for text, _ in spec]) - 1
+    *found, after = _next_marks(marks, starts, int(last_mark[-1]) + 2, len(buf) - 1)
+    key_end = []
+    for (text, _col), k in zip(spec, last_mark, strict=True):
+        if not text:
+            key_end.append(starts - 1)  # a value at the very start
+        else:  # the text's last byte: its last mark plus what follows it in the text
+            key_end.append(found[k] + len(text) - 1 - text.rindex(mark))
     ok = np.ones(n, bool)
     # no further mark inside the arguments: exactly the keys we expect
     ok &= after >= ends
