@@ -563,3 +563,39 @@ def test_null_symbol_spellings_become_empty(tmp_path):
     t = open_trace(p)
     assert t.events["func"].astype(str).tolist() == ["", "", "", "", "f"]
     assert not t.meta.unparsed_lines
+
+
+def _shifted(text: str, extra_seconds: int) -> str:
+    """The same lines with every timestamp moved by extra_seconds (widening the field)."""
+    def move(m: re.Match[str]) -> str:
+        return f"{int(m.group(1)) + extra_seconds}.{m.group(2)}:"
+    return re.sub(r"(?<= )(\d+)\.(\d{6}):", move, text)
+
+
+@pytest.mark.parametrize("name", ["ftrace_cpuid_2cpu.txt", "perf_script_cpuid_2cpu.txt",
+                                  "ftrace_tgid_cpuid_2cpu.txt", "trace_cmd_report_cpuid_2cpu.txt"])
+@pytest.mark.parametrize("extra_seconds", [0, 123_456, 98_765_432, 1_234_567_890])
+def test_fixed_column_fast_path_agrees_with_search_and_regex_paths(monkeypatch, name,
+                                                                   extra_seconds):
+    # The importer reads lines in the kernel's usual layout at fixed columns and cuts
+    # arguments by position; other lines take the landmark search, then RE2. Each
+    # path alone must give the same rows: real captures, and the same captures with
+    # an uptime of days, years and decades (wider seconds fields).
+    from pkstrace.importers import landmarks
+    text = _shifted((FIX / name).read_text(), extra_seconds)
+    parse = perf_script.parse_text if name.startswith("perf") else ftrace_text.parse_text
+    fast, fast_stats = parse(text)
+    no_fixed = landmarks._empty_fields()
+    no_fixed_rows = {"n": 0}
+
+    def search_only(buf, ls, le, style):
+        no_fixed_rows["n"] += 1
+        return no_fixed
+    monkeypatch.setattr(landmarks, "_fixed_layout", search_only)
+    monkeypatch.setattr(common, "_fast_args_at",
+                        lambda canon, view, rows: (np.zeros(len(rows), bool), {}))
+    slow, slow_stats = parse(text)
+    assert no_fixed_rows["n"] >= 1
+    assert len(fast) > 400
+    pd.testing.assert_frame_equal(fast, slow, check_categorical=False)
+    assert fast_stats.to_json() == slow_stats.to_json()
