@@ -19,6 +19,7 @@ Measured, per size:
     .venv/bin/python benchmarks/bench_analysis.py            # 1 M, 10 M (3 runs), 50 M (1 run)
     .venv/bin/python benchmarks/bench_analysis.py --smoke    # 200 k events, 1 run
     .venv/bin/python benchmarks/bench_analysis.py --sizes 1e6 --runs 5
+    .venv/bin/python benchmarks/bench_analysis.py --compare 69889c0 --sizes 1e7 --runs 3
 
 Writes benchmarks/results/analysis.json (or $PKSTRACE_BENCH_RESULTS/analysis.json):
 machine facts, git revision, per-size medians and every run, and the targets
@@ -152,6 +153,43 @@ def _families_child(path: str) -> None:
     print(json.dumps(tm))
 
 
+_AB_CHILD = """
+import json, sys, time
+from pkstrace import tracefile
+from pkstrace.analysis import analyse
+from pkstrace.analysis.prep import ANALYSIS_COLUMNS
+from pkstrace.reports.json import render
+c0, w0 = time.process_time(), time.perf_counter()
+tr = tracefile.read_trace(sys.argv[1], columns=list(ANALYSIS_COLUMNS), low_memory=True)
+c1 = time.process_time()
+f = analyse(tr, isolated=[62, 63])
+c2 = time.process_time()
+render(f)
+c3, w3 = time.process_time(), time.perf_counter()
+print(json.dumps({"read": c1 - c0, "analyse": c2 - c1, "render": c3 - c2, "wall": w3 - w0}))
+"""
+
+
+def compare(path: Path, rev: str, runs: int) -> dict[str, Any]:
+    """A/B: the analysis of git revision ``rev`` against the working tree on one trace,
+    runs alternating (so both see the same load), CPU seconds per phase, medians."""
+    import tempfile
+
+    res: dict[str, list[dict[str, float]]] = {rev: [], "tree": []}
+    with tempfile.TemporaryDirectory(prefix="pkstrace-ab-") as tmp:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "pkstrace"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        for _ in range(runs):
+            for name, tree in ((rev, tmp), ("tree", str(ROOT))):
+                out = subprocess.run([sys.executable, "-c", _AB_CHILD, str(path)],
+                                     env={**os.environ, "PYTHONPATH": tree}, cwd=tmp,
+                                     capture_output=True, text=True, check=True)
+                res[name].append(json.loads(out.stdout))
+    return {name: {k: round(_median([r[k] for r in rs]), 3) for k in rs[0]}
+            for name, rs in res.items()}
+
+
 def _median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
@@ -162,10 +200,27 @@ def main() -> int:
     ap.add_argument("--sizes", help="comma-separated event counts (default 1e6,1e7,5e7)")
     ap.add_argument("--runs", type=int, default=3, help="runs per size below 50 M (default 3)")
     ap.add_argument("--workdir", default="/var/tmp/pkstrace-bench-analysis")
+    ap.add_argument("--compare", metavar="REV",
+                    help="A/B the analysis of git revision REV against the working tree "
+                         "on the --sizes trace(s) (built if missing), --runs alternating "
+                         "runs; prints CPU seconds per phase, writes no result file")
     ap.add_argument("--_families", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._families:
         _families_child(args._families)
+        return 0
+    if args.compare:
+        work = Path(args.workdir)
+        work.mkdir(parents=True, exist_ok=True)
+        for n in [int(float(x)) for x in (args.sizes or "1e7").split(",")]:
+            path = work / f"bootstrap-{n}.pkstrace"
+            if not path.exists():
+                build_trace(path, n)
+            load = os.getloadavg()[0]
+            doc = {"events": n, "load_avg_1m_before": round(load, 2),
+                   "cpu_s_median": compare(path, args.compare, args.runs),
+                   "load_avg_1m_after": round(os.getloadavg()[0], 2)}
+            print(json.dumps(doc))
         return 0
     from pkstrace.bench.common import git_revision, host_facts, write_json_atomic
 
