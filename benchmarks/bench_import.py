@@ -84,6 +84,26 @@ def machine() -> dict:
             "nice": os.nice(0)}  # the machine is shared: runs may be given priority
 
 
+TARGET_LINES_PER_S = 1_000_000
+
+
+def targets(results: dict) -> list[dict]:
+    """The issue's ">= 1 M lines/s", per format: on the wall clock (what a user waits,
+    on this shared host) and per CPU-second (what the parse costs, whatever else runs)."""
+    rows = []
+    for fmt, r in results.items():
+        for measure, key in (("wall", "lines_per_s"), ("per CPU-second", "lines_per_cpu_s")):
+            value = r[key]
+            met = value >= TARGET_LINES_PER_S
+            rows.append({"target": f"import {fmt} >= 1 M lines/s", "measure": measure,
+                         "value": value, "limit": TARGET_LINES_PER_S, "unit": "lines/s",
+                         "better": "higher", "met": met,
+                         "margin_pct": round(100 * (value / TARGET_LINES_PER_S - 1), 1),
+                         "missed_by_pct": None if met else round(
+                             100 * (1 - value / TARGET_LINES_PER_S), 1)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lines", type=int, default=2_000_000, help="input lines per format")
@@ -127,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"benchmark": "import", "command": "benchmarks/bench_import.py "
            + " ".join(argv if argv is not None else sys.argv[1:]),
            "smoke": args.smoke, "machine": machine(), "results": results,
+           "targets": targets(results),
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out = Path(args.output)
     if not args.smoke or not out.exists():
