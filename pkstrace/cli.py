@@ -72,6 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    old = signal.getsignal(signal.SIGINT)
+    ours = old is signal.default_int_handler
+    if ours:
+        try:
+            signal.signal(signal.SIGINT, _on_sigint)
+        except ValueError:  # not the main thread
+            ours = False
+    try:
+        return _main(argv)
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, old)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -91,6 +106,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `pkstrace replay x | head`: not an error worth a traceback.
         sys.stderr.close()
         return 0
+    except Exception:
+        # A Ctrl-C inside a C extension's import (numpy, pyarrow) surfaces as that
+        # import's ImportError, not as KeyboardInterrupt: still just an interrupt.
+        if _sigint_seen:
+            return 128 + signal.SIGINT
+        raise
+
+
+_sigint_seen = False
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    """Python's default Ctrl-C behaviour, remembering that it happened."""
+    global _sigint_seen
+    _sigint_seen = True
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
