@@ -196,8 +196,8 @@ def test_bcc_counts_and_events_agree_on_one_run() -> None:
     batches = []
     with backend:
         backend.attach()
-        cross_cpu_calls(N, target_cpu=1, source_cpu=0)
         for _ in range(3):
+            cross_cpu_calls(N // 2, target_cpu=1, source_cpu=0)
             batches.append(backend.read(0.05))
         backend.stop()  # programs off: the maps and the ring now hold the same events
         batches.append(backend.drain())
@@ -206,6 +206,10 @@ def test_bcc_counts_and_events_agree_on_one_run() -> None:
     # No ring losses. Recursion-guard misses (CPU -1) skip one run of the program,
     # so the count and the event are missed together and still agree below.
     assert sum(v for cpu, v in lost.items() if cpu >= 0) == 0, lost
+    # The per-CPU rings are read one after another; batches still follow each
+    # other in time (rows beyond the slowest ring wait for the next batch).
+    spans = [(b["ts"].min(), b["ts"].max()) for b in batches if len(b)]
+    assert all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:], strict=False)), spans
     events = pd.concat(batches, ignore_index=True)
     assert bpf_prog_ids_of(os.getpid()) == set()  # detached on leaving the with block
 
@@ -228,6 +232,35 @@ def test_bcc_counts_and_events_agree_on_one_run() -> None:
     slots = np.repeat([r["slot"] for r in hist], [r["count"] for r in hist])
     median_slot = int(np.median(slots))
     assert 0 < (1 << median_slot) < 10_000_000
+
+
+STREAMING_CALLS = ("import os; os.sched_setaffinity(0, {0}); "
+                   "fd = os.open('/dev/cpu/1/cpuid', os.O_RDONLY)\n"
+                   "for _ in range(20000): os.pread(fd, 16, 0)")
+
+
+def test_bcc_batches_follow_each_other_in_time() -> None:
+    """Per-CPU rings read one after another while both CPUs produce: no batch may
+    hold an event older than one already handed on (without the watermark, 11 of
+    49 batch pairs overlapped here)."""
+    need_backend("bcc")
+    from pkstrace.backends.base import RecordOptions, plan_probes
+    from pkstrace.backends.bcc import BccBackend
+    from pkstrace.backends.symbols import function_names
+
+    specs, _ = plan_probes(RecordOptions(), function_names(), False, False)
+    backend = BccBackend(specs, mode="events")
+    batches = []
+    with backend:
+        backend.attach()
+        proc = subprocess.Popen([sys.executable, "-c", STREAMING_CALLS])
+        while proc.poll() is None:
+            batches.append(backend.read(0.01))
+        backend.stop()
+        batches.append(backend.drain())
+    spans = [(b["ts"].min(), b["ts"].max()) for b in batches if len(b)]
+    assert len(spans) >= 5, spans
+    assert all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:], strict=False)), spans
 
 
 # Another tool's BPF program that runs long (with interrupts on) on every

@@ -45,6 +45,7 @@ import os
 import platform
 import select
 import struct
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,8 @@ class RingReader:
         self.producer = mmap.mmap(map_fd, page + 2 * data_bytes, mmap.MAP_SHARED,
                                   mmap.PROT_READ, offset=page)
         self.data_off = page
+        self.stopped_at_busy = False  # the last read() stopped at an uncommitted record
+        self.last_ts = 0  # ts of the last record read (a CPU's records come in ts order)
 
     def pending(self) -> int:
         prod = struct.unpack_from("<Q", self.producer, 0)[0]
@@ -184,6 +187,7 @@ class RingReader:
         prod = struct.unpack_from("<Q", self.producer, 0)[0]
         cons = struct.unpack_from("<Q", self.consumer, 0)[0]
         n = (prod - cons) // self.stride
+        self.stopped_at_busy = False
         if n <= 0:
             return b""
         start = self.data_off + (cons & self.mask)
@@ -191,6 +195,7 @@ class RingReader:
                              offset=start).reshape(n, self.stride)
         lens = recs[:, :4].copy().view("<u4").ravel()
         busy = np.flatnonzero(lens & self.BUSY)
+        self.stopped_at_busy = bool(len(busy))
         if len(busy):
             n = int(busy[0])  # stop at the first record a CPU is still writing
         lens = lens[:n]
@@ -248,6 +253,8 @@ class BccBackend(Backend):
         per_ring = max(MIN_RING_PAGES_PER_CPU, self.ringbuf_pages // self.nrings)
         self.ring_pages = 1 << (per_ring - 1).bit_length()
         self._chunks: list[bytes] = []
+        self._held = b""  # records after the watermark, for the next batch
+        self._watermark: int | None = None
         self._comms: dict[int, str] = {0: "<idle>"}  # pid -> name (from sched_switch)
         self._msr_slots: list[int] = []
         self._symbols: dict[int, str] = {}
@@ -393,10 +400,8 @@ class BccBackend(Backend):
             return schema.empty_events()
         if self._rings:
             wait_any(self._rings, timeout)
-            self._chunks.extend(r.read() for r in self._rings)
+            self._read_rings()
         else:
-            import time
-
             time.sleep(timeout)
         return self._decode()
 
@@ -429,15 +434,48 @@ class BccBackend(Backend):
                 self._notes.append(f"detach kprobe {sym}: {_one_line(e)}")
         self._kprobes = []
 
+    def _read_rings(self) -> None:
+        """Take every committed record, and move the watermark up to which no CPU can
+        still produce an earlier one.
+
+        Each CPU's ring is in time order, but the rings are read one after another:
+        a batch can hold CPU 0's events up to t and CPU 1's only up to t - d, and
+        CPU 1's events from t - d to t then come in the next batch. Rows are handed
+        on only up to the smallest time every ring has been read to, so batches
+        follow each other in time. A ring read empty up to its producer position at
+        t0 can only produce records stamped after t0 (the probe takes the time
+        after reserving the record); one that stopped at a record still being
+        written, only records stamped at or after its last committed one.
+        """
+        marks = []
+        for r in self._rings:
+            t0 = time.monotonic_ns()  # bpf_ktime_get_ns() is CLOCK_MONOTONIC
+            data = r.read()
+            if data:
+                self._chunks.append(data)
+                r.last_ts = int(np.frombuffer(data, dtype=EVENT_DTYPE, offset=len(data)
+                                              - EVENT_DTYPE.itemsize)["ts"][0])
+            marks.append(r.last_ts if r.stopped_at_busy else max(t0, r.last_ts))
+        self._watermark = min(marks) if marks else None
+
     def drain(self) -> pd.DataFrame:
-        self._chunks.extend(r.read() for r in self._rings)
+        self._read_rings()
+        self._watermark = None  # stopped: nothing earlier can come any more
         return self._decode()
 
     def _decode(self) -> pd.DataFrame:
-        raw, self._chunks = b"".join(self._chunks), []
+        raw, self._chunks = b"".join([self._held, *self._chunks]), []
+        self._held = b""
         if not raw:
             return schema.empty_events()
         ev = np.frombuffer(raw, dtype=EVENT_DTYPE)
+        if self._watermark is not None:
+            later = ev["ts"] > self._watermark
+            if later.any():
+                self._held = ev[later].tobytes()  # next batch (or the drain)
+                ev = ev[~later]
+                if not len(ev):
+                    return schema.empty_events()
         syms = self._syms
         assert syms is not None
         kind = ev["kind"]
