@@ -245,6 +245,17 @@ class ProbeStatus:
                 "reason": self.reason}
 
 
+# Key of ``TraceMeta.lost_events`` for losses the kernel does not attribute to a
+# CPU (BPF recursion-guard misses: a probe skipped because a BPF program was
+# already running on that CPU).
+LOST_CPU_UNKNOWN = -1
+
+
+def lost_cpu_label(cpu: int | str) -> str:
+    """How reports name a ``lost_events`` key."""
+    return "CPU unknown (BPF recursion guard)" if int(cpu) == LOST_CPU_UNKNOWN else f"CPU {cpu}"
+
+
 @dataclass
 class TraceMeta:
     """The metadata document stored beside the events (JSON in the Parquet footer).

@@ -172,9 +172,12 @@ def analyse(trace: schema.Trace, isolated: list[int] | None = None,
     if (p.col("preempt_depth") < 0).all() and len(cc.queues):
         f.notes.append("preempt depth not in this trace: drift cannot be checked")
     if trace.meta.lost_events and any(int(v) for v in trace.meta.lost_events.values()):
-        f.notes.append("the trace lost events on CPUs "
-                       + schema.format_cpulist([int(c) for c, v in
-                                                trace.meta.lost_events.items() if int(v)])
+        lost_cpus = [int(c) for c, v in trace.meta.lost_events.items() if int(v)]
+        where = [schema.lost_cpu_label(c) for c in lost_cpus if c == schema.LOST_CPU_UNKNOWN]
+        known = [c for c in lost_cpus if c != schema.LOST_CPU_UNKNOWN]
+        if known:
+            where.insert(0, "CPUs " + schema.format_cpulist(known))
+        f.notes.append("the trace lost events on " + " and ".join(where)
                        + ": calls around the losses are counted as unmatched")
     return f
 

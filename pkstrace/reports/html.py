@@ -522,7 +522,8 @@ def _host_facts(f: Findings) -> list[tuple[str, str]]:
     if lost:
         total = sum(lost.values())
         facts.append(("lost events", f"{total:,} (by CPU: "
-                      + ", ".join(f"{k}: {v:,}" for k, v in lost.items()) + ")"))
+                      + ", ".join(f"{schema.lost_cpu_label(k)}: {v:,}"
+                                  for k, v in lost.items()) + ")"))
     if t.get("partial"):
         facts.append(("partial", "yes: the recording ended early"))
     scen = t.get("scenario") or {}

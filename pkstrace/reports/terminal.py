@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 
+from pkstrace import schema
 from pkstrace.analysis.findings import Findings
 
 TOP = 8
@@ -71,7 +72,8 @@ def _header(f: Findings) -> list[str]:
     lines.append("  " + ", ".join(facts))
     lost = {k: v for k, v in (t.get("lost_events") or {}).items() if v}
     if lost:
-        lines.append("  lost events: " + ", ".join(f"CPU {k}: {v}" for k, v in lost.items())
+        lines.append("  lost events: " + ", ".join(
+            f"{schema.lost_cpu_label(k)}: {v}" for k, v in lost.items())
                      + " (the kernel dropped them: every figure below is partial)")
     if t.get("unparsed_lines"):
         lines.append("  unparsed lines: " + ", ".join(
