@@ -116,12 +116,20 @@ def test_record_explains_an_unusable_backend_in_one_line(tmp_path: os.PathLike[s
         pytest.skip("needs root (the privilege check comes first)")
     usable = [b for b in ("bcc", "perf", "tracefs") if not checks.backend_problem(b)]
     unusable = [b for b in ("bcc", "perf", "tracefs") if b not in usable]
-    if not unusable:
-        # Make bcc unusable for real: point it at a kernel-headers dir that is missing.
-        pytest.skip("every backend works on this host; nothing to explain")
-    b = unusable[0]
+    env = dict(os.environ)
+    if unusable:
+        b = unusable[0]
+    else:
+        # Every backend works here: make bcc unusable the way a host without
+        # python3-bpfcc is, with a `bcc` module that fails to import ahead of Debian's.
+        b = "bcc"
+        shadow = os.path.join(tmp_path, "no-bcc")
+        os.makedirs(os.path.join(shadow, "bcc"))
+        with open(os.path.join(shadow, "bcc", "__init__.py"), "w") as f:
+            f.write("raise ImportError('No module named bcc (python3-bpfcc not installed)')\n")
+        env["PYTHONPATH"] = shadow + os.pathsep + env.get("PYTHONPATH", "")
     p = subprocess.run([*PKSTRACE, "record", "--backend", b, "-o", f"{tmp_path}/x.pkstrace",
-                        "-d", "1"], capture_output=True, text=True, timeout=60)
+                        "-d", "1"], capture_output=True, text=True, timeout=60, env=env)
     assert p.returncode == 2
     assert p.stderr.startswith(f"pkstrace record: error: backend {b} cannot run here:")
     assert "fix:" in p.stderr and p.stderr.strip().count("\n") == 0
