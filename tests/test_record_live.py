@@ -565,8 +565,12 @@ def test_cpus_option_records_only_those_cpus(backend: str, tmp_path: Path) -> No
     skip_if_perf_starved(trace.meta, len(entries), N)
     assert len(ev) and set(ev["cpu"].unique()) == {1}
     # The calls arrive on CPU 1 (their queues, on CPU 0, are not kept); a shortfall
-    # must be reported as lost.
-    assert len(entries) + sum(trace.meta.lost_events.values()) >= N, \
+    # must be reported as lost. This 6.18 kernel itself now and then records no
+    # csd_function_entry for a remote call and counts no loss: the plain-shell tracefs
+    # capture in tests/fixtures/ftrace_cpuid_2cpu.txt (no pkstrace code) has 200
+    # cpuid queues to CPU 1 but 199 remote entries. Allow that 1%, no more.
+    unreported = max(1, N // 100)
+    assert len(entries) + sum(trace.meta.lost_events.values()) >= N - unreported, \
         (len(entries), trace.meta.lost_events)
 
 
