@@ -117,6 +117,11 @@ def _main(argv: Sequence[str] | None) -> int:
 _sigint_seen = False
 
 
+def sigint_seen() -> bool:
+    """True once Ctrl-C reached this process (even if an import swallowed it)."""
+    return _sigint_seen
+
+
 def _on_sigint(signum: int, frame: object) -> None:
     """Python's default Ctrl-C behaviour, remembering that it happened."""
     global _sigint_seen

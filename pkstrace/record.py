@@ -98,6 +98,13 @@ class _Stopper:
                 self._old[s] = signal.signal(s, self._handle)
             except (ValueError, OSError):  # not the main thread
                 pass
+        # A Ctrl-C that arrived while modules were still importing can surface as an
+        # ImportError that a feature check swallowed; the CLI remembers it. Honour it
+        # here, or the recording would run until the next signal.
+        from pkstrace import cli
+
+        if cli.sigint_seen():
+            self.reason = signal.SIGINT.name
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:

@@ -116,7 +116,7 @@ class Findings:
         """The versioned JSON document (see docs/json-schema.md)."""
         return {
             "schema_version": JSON_SCHEMA_VERSION,
-            "trace": _clean(self.trace),
+            "trace": jsonable(self.trace),
             "counts": records(self.counts),
             "activity": {"bin_ns": int(self.activity_bin_ns),
                          "rows": records(self.activity)},
@@ -130,7 +130,7 @@ class Findings:
                 },
             },
             "cross_cpu_calls": {
-                **_clean(self.cross_cpu_summary),
+                **jsonable(self.cross_cpu_summary),
                 "per_target_cpu": records(self.latency_per_target_cpu),
                 "per_func": records(self.latency_per_func),
                 "per_callsite": records(self.latency_per_callsite),
@@ -143,19 +143,19 @@ class Findings:
             "isolated_cpus": list(self.isolated_cpus),
             "preempt_drift": records(self.drift),
             "lost_updates": records(self.lost_updates),
-            "ground_truth": _clean(self.ground_truth),
+            "ground_truth": jsonable(self.ground_truth),
             "notes": list(self.notes),
         }
 
 
-def _clean(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
     """Make a value JSON-safe: numpy scalars -> Python, NaN -> None."""
     if isinstance(v, dict):
-        return {str(k): _clean(x) for k, x in v.items()}
+        return {str(k): jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
+        return [jsonable(x) for x in v]
     if isinstance(v, np.ndarray):
-        return [_clean(x) for x in v.tolist()]
+        return [jsonable(x) for x in v.tolist()]
     if isinstance(v, (np.bool_, bool)):
         return bool(v)
     if isinstance(v, np.integer):
@@ -171,7 +171,7 @@ def _clean(v: Any) -> Any:
 def _column_values(s: pd.Series) -> list[Any]:
     """One column as JSON-safe Python values, converted column-wise (numpy's tolist
     makes Python ints / floats / bools at C speed); only object columns holding
-    something other than strings go value by value through _clean."""
+    something other than strings go value by value through jsonable."""
     if isinstance(s.dtype, pd.CategoricalDtype):
         s = s.astype(object)
     a = s.to_numpy()
@@ -179,14 +179,14 @@ def _column_values(s: pd.Series) -> list[Any]:
         return a.tolist()
     if a.dtype.kind == "f":
         bad = ~np.isfinite(a)
-        if bad.any():  # NaN / inf -> None, as _clean does
+        if bad.any():  # NaN / inf -> None, as jsonable does
             out = a.astype(object)
             out[bad] = None
             return out.tolist()
         return a.tolist()
     if a.dtype.kind == "O" and pd.api.types.infer_dtype(a, skipna=False) == "string":
         return a.tolist()
-    return [_clean(v) for v in a.tolist()]
+    return [jsonable(v) for v in a.tolist()]
 
 
 def records(df: pd.DataFrame) -> list[dict[str, Any]]:

@@ -10,8 +10,10 @@ backend builds on it and also runs inside the emulated guest (no pandas there).
 
 from __future__ import annotations
 
+import contextlib
+import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -204,3 +206,18 @@ class Backend(ABC):
 
 def probe_statuses(results: Sequence[ProbeResult]) -> list[dict[str, Any]]:
     return [r.to_json() for r in results]
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silence fd 2 for a moment: bcc's compiler and libperf/libtraceevent print
+    warnings there that would tear the recorder's status line."""
+    saved = os.dup(2)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

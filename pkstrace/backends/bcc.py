@@ -54,7 +54,13 @@ import numpy as np
 import pandas as pd
 
 from pkstrace import schema
-from pkstrace.backends.base import WRITE_PKRS_ARGS, Backend, ProbeResult, ProbeSpec
+from pkstrace.backends.base import (
+    WRITE_PKRS_ARGS,
+    Backend,
+    ProbeResult,
+    ProbeSpec,
+    quiet_stderr,
+)
 from pkstrace.backends.symbols import kernel_symbols
 
 PROBE_FILE = "pkstrace.bpf.c"
@@ -130,20 +136,6 @@ def _cstr(col: np.ndarray) -> np.ndarray:
     uniq, inv = np.unique(col, return_inverse=True)
     names = np.asarray([b.decode("utf-8", "replace") for b in uniq], dtype=object)
     return names[inv]
-
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Any:
-    """bcc's compiler prints header warnings on stderr; keep them out of the status line."""
-    saved = os.dup(2)
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 class RingReader:
@@ -324,7 +316,7 @@ class BccBackend(Backend):
         if missing:
             self.probes = [p for p in self.probes if p not in missing]
         try:
-            with _quiet_stderr():
+            with quiet_stderr():
                 self.bpf = BPF(text=text, cflags=self.cflags())
         except Exception as e:  # noqa: BLE001 - bcc raises Exception for compile errors
             raise self._error(f"bcc: cannot compile/load {src_path.name}: {_one_line(e)}") \

@@ -18,7 +18,6 @@ column); use the tracefs backend when the preempt-count drift matters.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import fcntl
 import os
@@ -30,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from pkstrace import schema
-from pkstrace.backends.base import Backend, ProbeResult, ProbeSpec
+from pkstrace.backends.base import Backend, ProbeResult, ProbeSpec, quiet_stderr
 from pkstrace.backends.symbols import kernel_symbols
 
 PERF_EVENT_IOC_SET_FILTER = 0x40082406  # _IOW('$', 6, char *)
@@ -77,19 +76,6 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "call_function_single_exit": ("vector",),
     "sched_switch": ("prev_comm", "prev_pid", "prev_state", "next_comm", "next_pid"),
 }
-
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Any:
-    saved = os.dup(2)
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def _perf_mappings() -> set[tuple[int, int]]:
@@ -161,7 +147,7 @@ class PerfBackend(Backend):
                                            "perf backend cannot decode this tracepoint"))
                 continue
             try:
-                with _quiet_stderr():  # libtraceevent's complaints about __get_cpumask
+                with quiet_stderr():  # libtraceevent's complaints about __get_cpumask
                     tp = perf.tracepoint(spec.system, spec.tracepoint)
             except Exception as e:  # noqa: BLE001 - the binding raises several kinds
                 tp = -1
@@ -180,7 +166,7 @@ class PerfBackend(Backend):
                 evl = perf.evlist(cpumap, threads)
                 evl.add(ev)
                 before = _perf_mappings()
-                with _quiet_stderr():  # libperf prints debug lines for every mmap
+                with quiet_stderr():  # libperf prints debug lines for every mmap
                     evl.open()
                     evl.mmap(pages=RING_PAGES)
                 mapped = sorted(_perf_mappings() - before)
@@ -263,7 +249,7 @@ class PerfBackend(Backend):
                 # The binding parses the tracepoint's format at the first field
                 # access and complains on stderr about helpers it lacks
                 # (__get_cpumask); the fields pkstrace reads decode fine.
-                with _quiet_stderr():
+                with quiet_stderr():
                     self._read_source(src, sample_cls, lost_cls, first_only=True)
             for cpu in src.cpus:
                 while True:

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from pkstrace import schema
-from pkstrace.analysis.findings import Findings
+from pkstrace.analysis.findings import Findings, jsonable
 from pkstrace.errors import PkstraceError
 
 DASHBOARDS = Path(__file__).resolve().parents[2] / "dashboards"
@@ -132,33 +132,9 @@ def _display(v: Any) -> str:
     return str(v)
 
 
-def _jsonable(v: Any) -> Any:
-    """numpy / pandas values -> JSON values (NaN -> null)."""
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        if v.dtype.kind == "f":
-            o = v.astype(object)
-            o[~np.isfinite(v)] = None
-            return o.tolist()
-        return _jsonable(v.tolist())
-    if isinstance(v, (np.bool_, bool)):
-        return bool(v)
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, (np.floating, float)):
-        f = float(v)
-        return None if not math.isfinite(f) else f
-    if v is pd.NA or v is pd.NaT:
-        return None
-    return v
-
-
 def script_json(obj: Any) -> str:
     """JSON that is safe inside <script type="application/json">: no '<' at all."""
-    text = json.dumps(_jsonable(obj), separators=(",", ":"), allow_nan=False,
+    text = json.dumps(jsonable(obj), separators=(",", ":"), allow_nan=False,
                       ensure_ascii=False)
     return (text.replace("<", "\\u003c").replace(">", "\\u003e")
             .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
@@ -564,7 +540,7 @@ def summary_section(runs: Sequence[tuple[str, Findings]]) -> str:
         gt_html = ""
         if gt:
             gt_html = ("<details><summary>ground truth of the emulated host</summary><pre>"
-                       + esc(json.dumps(_jsonable(gt), indent=1, default=str)[:20000])
+                       + esc(json.dumps(jsonable(gt), indent=1, default=str)[:20000])
                        + "</pre></details>")
         parts.append(
             _run_heading(label, len(runs))
