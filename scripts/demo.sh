@@ -12,5 +12,5 @@ else
   run sudo .venv/bin/pkstrace record -d 10 -o "$out" --force -- \
       .venv/bin/python -m pkstrace.workload --calls 2000 --target-cpu 1
 fi
-run .venv/bin/pkstrace report "$out" -o demo.html
+run .venv/bin/pkstrace report "$out" -o demo.html --force
 echo "trace: $out   dashboard: demo.html"
