@@ -115,6 +115,19 @@ def build_trace(path: Path, n_events: int) -> None:
         w.close(meta)
 
 
+def bootstrap_trace(work: Path, n: int) -> tuple[Path, float | None]:
+    """The n-event bootstrap trace in ``work``, built unless a matching one is there.
+
+    Returns its path and the build time in seconds (None when reused)."""
+    path = work / f"bootstrap-{n}.pkstrace"
+    if path.exists() and tracefile.read_meta(path).backend == "bench:bootstrap" and \
+            len(tracefile.read_trace(path, columns=["cpu"]).events) == n:
+        return path, None
+    t0 = time.perf_counter()
+    build_trace(path, n)
+    return path, time.perf_counter() - t0
+
+
 def _replay_once(path: Path) -> dict[str, Any]:
     exe = ROOT / ".venv/bin/pkstrace"
     cmd = [str(exe), "replay", str(path), "--json", "--isolated", ISOLATED]
@@ -234,13 +247,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     results = []
     for n in sizes:
-        path = work / f"bootstrap-{n}.pkstrace"
-        built = None
-        if not path.exists() or tracefile.read_meta(path).backend != "bench:bootstrap" or \
-                len(tracefile.read_trace(path, columns=["cpu"]).events) != n:
-            t0 = time.perf_counter()
-            build_trace(path, n)
-            built = time.perf_counter() - t0
+        path, built = bootstrap_trace(work, n)
         k = 1 if n >= 50_000_000 else runs
         e2e = [_replay_once(path) for _ in range(k)]
         fam = [_families_once(path) for _ in range(k)]

@@ -37,7 +37,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from pkstrace import schema, tracefile  # noqa: E402
+from pkstrace import schema  # noqa: E402
 
 ISOLATED = "62-63"
 TARGET_BYTES = 10_000_000  # the issue: under 10 MB for a 10 M-event trace
@@ -96,7 +96,7 @@ def main() -> int:
     if args._split:
         _split_child(*args._split)
         return 0
-    from bench_analysis import build_trace
+    from bench_analysis import bootstrap_trace
 
     from pkstrace.bench.common import git_revision, host_facts, write_json_atomic
 
@@ -110,13 +110,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     results = []
     for n in sizes:
-        path = work / f"bootstrap-{n}.pkstrace"
-        built = None
-        if not path.exists() or tracefile.read_meta(path).backend != "bench:bootstrap" or \
-                len(tracefile.read_trace(path, columns=["cpu"]).events) != n:
-            t0 = time.perf_counter()
-            build_trace(path, n)
-            built = time.perf_counter() - t0
+        path, built = bootstrap_trace(work, n)
         out = work / f"report-{n}.html"
         e2e = [_run_child([str(EXE), "report", str(path), "--isolated", ISOLATED,
                            "-o", str(out), "--force"]) for _ in range(runs)]
