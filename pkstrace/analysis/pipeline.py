@@ -53,6 +53,7 @@ def trace_summary(trace: schema.Trace, n_events: int, t0: int | None,
         "probes": list(m.probes),
         "partial": bool(m.partial),
         "scenario": dict(m.scenario),
+        "notes": list(m.notes),
     }
 
 

@@ -80,6 +80,8 @@ def _header(f: Findings) -> list[str]:
             f"{k}: {v}" for k, v in t["unparsed_lines"].items()))
     if t.get("partial"):
         lines.append("  PARTIAL recording (ended early)")
+    # What the recorder or importer said about its own data (filters, drops, cleanup).
+    lines += [f"  recorded with: {n}" for n in t.get("notes") or []]
     return lines
 
 
