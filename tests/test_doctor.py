@@ -133,3 +133,28 @@ def test_record_explains_an_unusable_backend_in_one_line(tmp_path: os.PathLike[s
     assert p.returncode == 2
     assert p.stderr.startswith(f"pkstrace record: error: backend {b} cannot run here:")
     assert "fix:" in p.stderr and p.stderr.strip().count("\n") == 0
+
+
+def test_perf_idle_sampling_is_measured_and_auto_follows_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The idle-CPU check really records cross-CPU calls with the perf backend; where it
+    finds perf blind, `auto` (with bcc ruled out) takes tracefs instead of perf."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/cpu/1/cpuid"):
+        pytest.skip("needs root and /dev/cpu/1/cpuid (CONFIG_X86_CPUID, a second CPU)")
+    if checks.backend_problem("perf") or checks.backend_problem("tracefs"):
+        pytest.skip("needs the perf and tracefs backends: "
+                    f"{checks.backend_problem('perf') or checks.backend_problem('tracefs')}")
+    ok, why = checks.perf_samples_idle_cpus()
+    assert ok is not None, why
+    assert "csd entries on idle CPU" in why
+    from pkstrace.backends import select
+
+    real = select.backend_problem
+    monkeypatch.setattr(select, "backend_problem",
+                        lambda name: "ruled out for this test" if name == "bcc" else real(name))
+    name, reason = select.choose("auto", "events")
+    if select.pks_functions_present():
+        assert name == "tracefs", reason
+    else:
+        assert name == ("perf" if ok else "tracefs"), (ok, why, reason)
+        assert ok or "perf samples idle CPUs" in reason, reason

@@ -40,6 +40,14 @@ def choose(requested: str, mode: str) -> tuple[str, str]:
     skipped = []
     for name in candidates:
         problem = backend_problem(name)
+        if not problem and name == "perf":
+            # Measured, not assumed (a short cross-CPU call burst): a kernel whose
+            # perf events miss what idle CPUs do would record half of every call.
+            from pkstrace.backends.checks import perf_samples_idle_cpus
+
+            ok, why = perf_samples_idle_cpus()
+            if ok is False:
+                problem = f"perf samples idle CPUs: {why}"
         if not problem:
             why = f"auto: {name} ({strengths[name]})"
             if skipped:
