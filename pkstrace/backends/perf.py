@@ -90,6 +90,15 @@ def _perf_mappings() -> set[tuple[int, int]]:
     return out
 
 
+def _disable(fds: Sequence[int]) -> None:
+    """Stop the events counting (a closed or already disabled fd is fine)."""
+    for fd in fds:
+        try:
+            fcntl.ioctl(fd, PERF_EVENT_IOC_DISABLE, 0)
+        except OSError:
+            pass
+
+
 class _Source:
     """One tracepoint's evlist and the rows read from it since the last batch."""
 
@@ -231,11 +240,7 @@ class PerfBackend(Backend):
                 "events of these tracepoints may be missing and are not counted as lost")
         self._stopped = True
         for src in self.sources:
-            for fd in src.fds:
-                try:
-                    fcntl.ioctl(fd, PERF_EVENT_IOC_DISABLE, 0)
-                except OSError:
-                    pass
+            _disable(src.fds)
 
     def drain(self) -> pd.DataFrame:
         return self._read_all()
@@ -465,11 +470,7 @@ class PerfBackend(Backend):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         for src in self.sources:
-            for fd in src.fds:
-                try:
-                    fcntl.ioctl(fd, PERF_EVENT_IOC_DISABLE, 0)
-                except OSError:
-                    pass
+            _disable(src.fds)
             for start, end in src.mappings:
                 if libc.munmap(start, end - start) != 0:
                     problems.append(f"munmap perf ring {start:#x}: "
