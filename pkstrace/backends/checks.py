@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import glob
+import importlib
 import os
 import platform
 import shutil
@@ -238,12 +239,16 @@ def check_headers() -> Check:
                  "apt-get install linux-headers-amd64 && make setup")
 
 
-def bcc_importable() -> tuple[bool, str]:
+def _importable(module: str) -> tuple[bool, str]:
     try:
-        import bcc  # noqa: F401
+        importlib.import_module(module)
     except Exception as e:  # noqa: BLE001 - any import failure means unusable
-        return False, f"import bcc failed: {e}"
-    return True, "import bcc works"
+        return False, f"import {module} failed: {e}"
+    return True, f"import {module} works"
+
+
+def bcc_importable() -> tuple[bool, str]:
+    return _importable("bcc")
 
 
 def check_bcc() -> Check:
@@ -256,11 +261,7 @@ def check_bcc() -> Check:
 
 
 def perf_importable() -> tuple[bool, str]:
-    try:
-        import perf  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        return False, f"import perf failed: {e}"
-    return True, "import perf works"
+    return _importable("perf")
 
 
 def check_perf() -> Check:
