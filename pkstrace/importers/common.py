@@ -922,10 +922,7 @@ def parse_chunk(data: bytes | str | Lines, style: str,
     if len(lines) == 0:
         return schema.empty_events()
     fast_parts = landmarks.parse_parts(lines.raw, lines.starts, lines.ends, style)
-    parts: list[tuple[np.ndarray, HeaderFields]] = [(fast.rows, HeaderFields(
-        comm=fast.comm, pid=fast.pid, cpu=fast.cpu, ts=fast.ts, irqs_off=fast.irqs_off,
-        irq_ctx=fast.irq_ctx, preempt_depth=fast.preempt_depth, event=fast.event,
-        args=fast.args)) for fast in fast_parts]
+    parts: list[tuple[np.ndarray, HeaderFields]] = [(fast.rows, fast) for fast in fast_parts]
     n_fast = sum(len(fast.rows) for fast in fast_parts)
     if n_fast < len(lines):
         mask = np.ones(len(lines), bool)

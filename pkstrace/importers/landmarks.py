@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pkstrace import schema
+from pkstrace.importers.common import HeaderFields
 
 SP, COLON, LBR, RBR, DASH, DOT, SLASH = (ord(c) for c in " :[]-./")
 LPAREN, RPAREN, GT = ord("("), ord(")"), ord(">")
@@ -29,19 +30,11 @@ PAD = 64  # zero bytes after the chunk so windows never read past it
 
 
 @dataclass
-class FastFields:
-    """Fields of the rows the fast path accepted (``rows``: their line numbers)."""
+class FastFields(HeaderFields):
+    """The header fields of the rows the fast path accepted, and ``rows``: their line
+    numbers in the chunk."""
 
     rows: np.ndarray
-    comm: pa.Array
-    pid: np.ndarray
-    cpu: np.ndarray
-    ts: np.ndarray
-    irqs_off: np.ndarray
-    irq_ctx: np.ndarray
-    preempt_depth: np.ndarray
-    event: pa.Array
-    args: pa.Array
 
 
 def _lut(chars: bytes, values: list[int] | None = None, default: int = -1) -> np.ndarray:
