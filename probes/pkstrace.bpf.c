@@ -7,6 +7,13 @@
 // Modes (both may be on in one program):
 //   WANT_EVENTS  every event into this CPU's BPF ring buffer (`rings`); a failed
 //                reserve counts into `lost` (per CPU).
+//                With PERF_BUFFER (kernels before 5.8, or --bpf-buffer perf) into
+//                this CPU's perf ring (`events`, BPF_PERF_OUTPUT) instead: the
+//                record is built in a per-CPU scratch slot (`perfbuf`) and copied
+//                out by bpf_perf_event_output(); a failed output counts into `lost`,
+//                an accepted one into perfbuf.sent, which the Python side compares
+//                with what reached its reader (a kernel that accepts an output and
+//                never writes it would otherwise lose it silently).
 //   WANT_COUNTS  per-CPU counts in the array `counts`, indexed by
 //                kind * NSLOTS + MSR slot (slot 0: not an MSR event; 1..: the
 //                known MSRs, MSR_SLOT(m); OTHER_SLOT: any other MSR, also counted
@@ -33,7 +40,7 @@
 // backend) running at the same time would silently see nothing.
 //
 // The Python side defines: MSR_KEEP(m) and CPU_KEEP(c) (filters), RINGBUF_PAGES
-// (per ring), EVENT_RINGS,
+// (per ring), EVENT_RINGS, PERF_BUFFER (perf rings instead of BPF ring buffers),
 // NSLOTS, OTHER_SLOT, MSR_SLOT(m), NKINDS, NCPUS, NFUNC, INFLIGHT_SLOTS,
 // INFLIGHT_BITS, and one KIND_* per schema kind; the
 // event layout below is mirrored by a numpy dtype there (keep them in step).
@@ -106,11 +113,26 @@ struct inflight_t {
 };
 
 #ifdef WANT_EVENTS
+#ifdef PERF_BUFFER
+// bcc sizes it to the possible CPUs; the Python side opens one perf event per
+// CPU (PERF_COUNT_SW_BPF_OUTPUT) and stores its fd at that CPU's index.
+BPF_PERF_OUTPUT(events);
+struct perfbuf_t {
+    struct event_t e;   // the record being built (perf output copies it out)
+    u64 writing;        // 1 from before the record's ts is taken until it is out:
+                        // the reader's watermark (no earlier record can follow)
+    u64 sent;           // outputs the kernel accepted on this CPU
+};
+// Per CPU, so no other CPU writes it (and no program nests on one CPU: the
+// kernel's BPF recursion guard).
+BPF_PERCPU_ARRAY(perfbuf, struct perfbuf_t, 1);
+#else
 // One ring per CPU (events0 .. events<NCPUS-1>, declared by EVENT_RINGS): with
 // one shared ring every record took its spinlock and producer position, two
 // cache lines that then moved between the CPUs at each event.
 EVENT_RINGS
 BPF_ARRAY_OF_MAPS(rings, "events0", NCPUS);
+#endif
 BPF_PERCPU_ARRAY(lost, u64, 1);
 #endif
 #ifdef WANT_COUNTS
@@ -191,19 +213,48 @@ static __always_inline u32 inflight_slot(u32 cpu, u64 csd)
 #endif
 
 #ifdef WANT_EVENTS
+static __always_inline void count_lost(void)
+{
+    int zero = 0;
+    u64 *n = lost.lookup(&zero);
+    if (n)
+        (*n)++;
+}
+
+#ifdef PERF_BUFFER
+static __always_inline struct event_t *reserve_event(void)
+{
+    int zero = 0;
+    struct perfbuf_t *p = perfbuf.lookup(&zero);
+    if (!p)
+        return 0;
+    WRITE_ONCE(p->writing, 1);  // before the ts is taken (see perfbuf_t)
+    return &p->e;
+}
+
+// The record goes out (copied into this CPU's perf ring); `e` is perfbuf's.
+static __always_inline void submit_event(void *ctx, struct event_t *e)
+{
+    struct perfbuf_t *p = (struct perfbuf_t *)e;
+    if (events.perf_submit(ctx, e, sizeof(*e)) == 0)
+        p->sent++;
+    else
+        count_lost();
+    WRITE_ONCE(p->writing, 0);
+}
+#else
 static __always_inline struct event_t *reserve_event(void)
 {
     u32 cpu = bpf_get_smp_processor_id();
     void *ring = rings.lookup(&cpu);
     struct event_t *e = ring ? bpf_ringbuf_reserve(ring, sizeof(struct event_t), 0) : 0;
-    if (!e) {
-        int zero = 0;
-        u64 *n = lost.lookup(&zero);
-        if (n)
-            (*n)++;
-    }
+    if (!e)
+        count_lost();
     return e;
 }
+
+#define submit_event(ctx, e) bpf_ringbuf_submit((e), BPF_RB_NO_WAKEUP)
+#endif
 
 static __always_inline struct event_t *new_event(u32 kind)
 {
@@ -218,18 +269,19 @@ static __always_inline struct event_t *new_event(u32 kind)
     return e;
 }
 
-static __always_inline void put_generic(struct event_t *e, u64 a, u64 b, u64 c, s32 i)
+static __always_inline void put_generic(void *ctx, struct event_t *e, u64 a, u64 b, u64 c,
+                                        s32 i)
 {
     e->g.a = a;
     e->g.b = b;
     e->g.c = c;
     e->g.i = i;
     e->g.pad = 0;
-    bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    submit_event(ctx, e);
 }
 #endif
 
-static __always_inline int msr_event(u32 kind, u32 msr, u64 val, int failed)
+static __always_inline int msr_event(void *ctx, u32 kind, u32 msr, u64 val, int failed)
 {
     if (!KEEP_CPU() || !MSR_KEEP(msr))
         return 1;
@@ -249,20 +301,20 @@ static __always_inline int msr_event(u32 kind, u32 msr, u64 val, int failed)
     if (!e)
         return 1;
     e->failed = failed;
-    put_generic(e, val, 0, 0, msr);
+    put_generic(ctx, e, val, 0, 0, msr);
 #endif
     return 1;
 }
 
 TRACEPOINT_PROBE(msr, write_msr)
 {
-    return msr_event(KIND_MSR_WRITE, args->msr, args->val, args->failed);
+    return msr_event(args, KIND_MSR_WRITE, args->msr, args->val, args->failed);
 }
 
 #ifdef WITH_READ_MSR
 TRACEPOINT_PROBE(msr, read_msr)
 {
-    return msr_event(KIND_MSR_READ, args->msr, args->val, args->failed);
+    return msr_event(args, KIND_MSR_READ, args->msr, args->val, args->failed);
 }
 #endif
 
@@ -301,7 +353,7 @@ TRACEPOINT_PROBE(csd, csd_queue_cpu)
     struct event_t *e = new_event(KIND_CSD_QUEUE);
     if (!e)
         return 1;
-    put_generic(e, (u64)args->csd, (u64)args->callsite, (u64)args->func, args->cpu);
+    put_generic(args, e, (u64)args->csd, (u64)args->callsite, (u64)args->func, args->cpu);
 #endif
     return 1;
 }
@@ -339,7 +391,7 @@ TRACEPOINT_PROBE(csd, csd_function_entry)
     struct event_t *e = new_event(KIND_CSD_ENTRY);
     if (!e)
         return 1;
-    put_generic(e, (u64)args->csd, 0, (u64)args->func, -1);
+    put_generic(args, e, (u64)args->csd, 0, (u64)args->func, -1);
 #endif
     return 1;
 }
@@ -353,7 +405,7 @@ TRACEPOINT_PROBE(csd, csd_function_exit)
     struct event_t *e = new_event(KIND_CSD_EXIT);
     if (!e)
         return 1;
-    put_generic(e, (u64)args->csd, 0, (u64)args->func, -1);
+    put_generic(args, e, (u64)args->csd, 0, (u64)args->func, -1);
 #endif
     return 1;
 }
@@ -368,7 +420,7 @@ TRACEPOINT_PROBE(ipi, ipi_send_cpu)
     struct event_t *e = new_event(KIND_IPI_SEND);
     if (!e)
         return 1;
-    put_generic(e, 0, (u64)args->callsite, (u64)args->callback, args->cpu);
+    put_generic(args, e, 0, (u64)args->callsite, (u64)args->callback, args->cpu);
 #endif
     return 1;
 }
@@ -385,13 +437,13 @@ TRACEPOINT_PROBE(ipi, ipi_send_cpumask)
     u64 mask = 0;
     unsigned short off = args->data_loc_cpumask & 0xFFFF;
     bpf_probe_read_kernel(&mask, sizeof(mask), (void *)args + off);
-    put_generic(e, mask, (u64)args->callsite, (u64)args->callback, -1);
+    put_generic(args, e, mask, (u64)args->callsite, (u64)args->callback, -1);
 #endif
     return 1;
 }
 #endif
 
-static __always_inline int callfunc_event(u32 kind, int vector)
+static __always_inline int callfunc_event(void *ctx, u32 kind, int vector)
 {
     if (!KEEP_CPU())
         return 1;
@@ -400,7 +452,7 @@ static __always_inline int callfunc_event(u32 kind, int vector)
     struct event_t *e = new_event(kind);
     if (!e)
         return 1;
-    put_generic(e, 0, 0, 0, vector);
+    put_generic(ctx, e, 0, 0, 0, vector);
 #endif
     return 1;
 }
@@ -408,22 +460,22 @@ static __always_inline int callfunc_event(u32 kind, int vector)
 #ifdef WITH_CALLFUNC
 TRACEPOINT_PROBE(irq_vectors, call_function_entry)
 {
-    return callfunc_event(KIND_CALLFUNC_ENTRY, args->vector);
+    return callfunc_event(args, KIND_CALLFUNC_ENTRY, args->vector);
 }
 
 TRACEPOINT_PROBE(irq_vectors, call_function_exit)
 {
-    return callfunc_event(KIND_CALLFUNC_EXIT, args->vector);
+    return callfunc_event(args, KIND_CALLFUNC_EXIT, args->vector);
 }
 
 TRACEPOINT_PROBE(irq_vectors, call_function_single_entry)
 {
-    return callfunc_event(KIND_CALLFUNC_ENTRY, args->vector);
+    return callfunc_event(args, KIND_CALLFUNC_ENTRY, args->vector);
 }
 
 TRACEPOINT_PROBE(irq_vectors, call_function_single_exit)
 {
-    return callfunc_event(KIND_CALLFUNC_EXIT, args->vector);
+    return callfunc_event(args, KIND_CALLFUNC_EXIT, args->vector);
 }
 #endif
 
@@ -447,7 +499,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
     // The names are in the tracepoint record itself: plain loads, no helper.
     __builtin_memcpy(e->sw.prev_comm, args->prev_comm, sizeof(e->sw.prev_comm));
     __builtin_memcpy(e->sw.next_comm, args->next_comm, sizeof(e->sw.next_comm));
-    bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    submit_event(args, e);
 #endif
     return 1;
 }
@@ -464,7 +516,7 @@ int kprobe_write_pkrs(struct pt_regs *ctx)
     struct event_t *e = new_event(KIND_WRITE_PKRS);
     if (!e)
         return 1;
-    put_generic(e, (u32)PT_REGS_PARM1(ctx), 0, 0, -1);
+    put_generic(ctx, e, (u32)PT_REGS_PARM1(ctx), 0, 0, -1);
 #endif
     return 1;
 }
@@ -479,7 +531,7 @@ int kprobe_global_update(struct pt_regs *ctx)
     struct event_t *e = new_event(KIND_GLOBAL_UPDATE);
     if (!e)
         return 1;
-    put_generic(e, 0, PT_REGS_PARM2(ctx), 0, (s32)PT_REGS_PARM1(ctx));
+    put_generic(ctx, e, 0, PT_REGS_PARM2(ctx), 0, (s32)PT_REGS_PARM1(ctx));
 #endif
     return 1;
 }

@@ -5,6 +5,14 @@
   counted per CPU and becomes TraceMeta.lost_events. The rings are read straight
   from their memory (:class:`RingReader`, no callback per event, no wake-up per
   record: they are polled) and decoded with one numpy structured dtype (columns, not objects).
+  Kernels before 5.8 (or ``--bpf-buffer perf``) get the same records through
+  per-CPU perf rings instead (BPF_PERF_OUTPUT; :class:`PerfRingReader` reads them
+  the same way, 72 bytes a record). Lost events per CPU there are the kernel's
+  PERF_RECORD_LOST counts, or the outputs the BPF program saw fail where the
+  kernel has not written its LOST record yet (it does so before the next record
+  that fits); outputs the kernel accepted (counted per CPU in the BPF program)
+  but that never reached the reader are counted as lost too, and named in a note.
+  TraceMeta.extra["bcc"]["buffer"] says which buffer a trace used.
   Only sched_switch records carry task names; every other row's ``comm`` comes
   from the pid -> name map those build (or /proc/PID/comm for a task not yet
   switched), so a task that renames itself (exec) between two of its switches
@@ -40,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import mmap
 import os
 import platform
@@ -71,6 +80,7 @@ MSR_KINDS = (KIND_CODES["msr_write"], KIND_CODES["msr_read"])
 NFUNC = 32  # cross-CPU functions told apart per CPU in counts mode
 INFLIGHT_BITS = 8  # 256 in-flight slots per target CPU
 UNKNOWN_CPU = -1  # lost_events key for losses the kernel does not place on a CPU
+BUFFERS = ("auto", "ring", "perf")  # --bpf-buffer
 # Mirror of struct event_t in probes/pkstrace.bpf.c: a head and a union body,
 # `g` (generic: a, b, c, i) or `sw` (sched_switch), overlaid here by offsets.
 EVENT_DTYPE = np.dtype({
@@ -129,6 +139,19 @@ def kernel_has_ringbuf() -> bool:
     except ValueError:
         return True
     return (major, minor) >= (5, 8)
+
+
+def choose_buffer(requested: str) -> tuple[str, str]:
+    """(buffer, why) for events mode: "ring" (BPF ring buffer) or "perf" (perf rings)."""
+    if requested not in BUFFERS:
+        raise ValueError(f"bad BPF buffer {requested!r} (choose {', '.join(BUFFERS)})")
+    has_ring = kernel_has_ringbuf()
+    if requested == "auto":
+        if has_ring:
+            return "ring", "auto: BPF ring buffer (Linux >= 5.8)"
+        return "perf", (f"auto: perf buffer (Linux {platform.release()} < 5.8 has no "
+                        "BPF ring buffer)")
+    return requested, f"{requested} (asked for)"
 
 
 def _cstr(col: np.ndarray) -> np.ndarray:
@@ -207,7 +230,133 @@ class RingReader:
                 m.close()
 
 
-def wait_any(rings: Sequence[RingReader], timeout: float) -> None:
+# perf_event_open(2) for the BPF output events (x86-64; see <linux/perf_event.h>).
+NR_PERF_EVENT_OPEN = 298
+PERF_TYPE_SOFTWARE = 1
+PERF_COUNT_SW_BPF_OUTPUT = 10
+PERF_SAMPLE_RAW = 1 << 10
+PERF_FLAG_FD_CLOEXEC = 1 << 3
+PERF_ATTR_FLAG_WATERMARK = 1 << 14
+PERF_EVENT_IOC_DISABLE = 0x2401
+PERF_RECORD_LOST = 2
+PERF_RECORD_SAMPLE = 9
+_PERF_ATTR = struct.Struct("<IIQQQQQII")  # type size config period sample_type
+#                                            read_format flags wakeup_watermark bp_type
+PERF_ATTR_SIZE = 112  # PERF_ATTR_SIZE_VER5 (4.1); the rest zero
+
+
+def open_bpf_output_event(cpu: int, wakeup_bytes: int) -> int:
+    """A PERF_COUNT_SW_BPF_OUTPUT event on ``cpu``: what bpf_perf_event_output()
+    writes into. It wakes a poller only past ``wakeup_bytes`` in its ring (a
+    wake-up is an irq_work self-IPI: another x2APIC ICR write, i.e. another
+    msr:write_msr event here); the reader polls on a timer anyway."""
+    attr = ctypes.create_string_buffer(PERF_ATTR_SIZE)
+    _PERF_ATTR.pack_into(attr, 0, PERF_TYPE_SOFTWARE, PERF_ATTR_SIZE,
+                         PERF_COUNT_SW_BPF_OUTPUT, 1, PERF_SAMPLE_RAW, 0,
+                         PERF_ATTR_FLAG_WATERMARK, wakeup_bytes, 0)
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(NR_PERF_EVENT_OPEN, attr, -1, cpu, -1, PERF_FLAG_FD_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"perf_event_open(BPF output, cpu {cpu}): {os.strerror(err)}")
+    return int(fd)
+
+
+class PerfRingReader:
+    """Reads one CPU's perf ring (a BPF output event's) directly, many records a call.
+
+    bcc's open_perf_buffer() calls a Python function per record; here, as in
+    :class:`RingReader`, the records form a regular array: every sample is
+    8 (header) + 4 (raw size) + the 56-byte event + 4 bytes of padding to 8. One
+    numpy view checks all headers; only a record of another type (a
+    PERF_RECORD_LOST after an overflow: its count is taken) breaks the run and
+    is stepped over. Layout (<linux/perf_event.h>): page 0 is perf_event_mmap_page
+    (data_head at 1024, written by the kernel; data_tail at 1032, ours), then a
+    power-of-two data area that records wrap around (not mapped twice).
+    """
+
+    HEAD = 1024
+    TAIL = 1032
+    LOST_OFF = 16  # PERF_RECORD_LOST: header, u64 id, u64 lost
+
+    def __init__(self, event_fd: int, data_pages: int, record_bytes: int) -> None:
+        page = mmap.PAGESIZE
+        self.fd = event_fd
+        self.size = data_pages * page
+        self.payload = record_bytes
+        self.stride = 8 + ((4 + record_bytes + 7) & ~7)
+        self.mm = mmap.mmap(event_fd, page + self.size, mmap.MAP_SHARED,
+                            mmap.PROT_READ | mmap.PROT_WRITE)
+        self.data_off = page
+        self.lost = 0  # from PERF_RECORD_LOST records
+        self.arrived = 0  # samples read
+        self.other_records = 0  # records of other types (none expected)
+        self.stopped_at_busy = False  # a perf ring has no half-written records
+        self.last_ts = 0
+
+    def pending(self) -> int:
+        head, tail = struct.unpack_from("<QQ", self.mm, self.HEAD)
+        return head - tail
+
+    def read(self) -> bytes:
+        """Payloads of every sample in the ring, concatenated; frees their space."""
+        head, tail = struct.unpack_from("<QQ", self.mm, self.HEAD)
+        n = head - tail
+        if n <= 0:
+            return b""
+        start = self.data_off + tail % self.size
+        end = self.data_off + self.size
+        if start + n <= end:
+            buf = self.mm[start:start + n]
+        else:  # the records wrap around the end of the data area
+            buf = self.mm[start:end] + self.mm[self.data_off:self.data_off + n - (end - start)]
+        out = []
+        off = 0
+        stride, payload = self.stride, self.payload
+        while off < n:
+            count = (n - off) // stride
+            if count:
+                recs = np.frombuffer(buf, dtype=np.uint8, count=count * stride,
+                                     offset=off).reshape(count, stride)
+                hdr = recs[:, :8].copy().view("<u4")  # type, misc | size << 16
+                odd = np.flatnonzero((hdr[:, 0] != PERF_RECORD_SAMPLE)
+                                     | ((hdr[:, 1] >> 16) != stride))
+                k = int(odd[0]) if len(odd) else count
+                if k:
+                    out.append(recs[:k, 12:12 + payload].tobytes())
+                    self.arrived += k
+                    off += k * stride
+                del recs
+            if off >= n:
+                break
+            rtype, _, rsize = struct.unpack_from("<IHH", buf, off)
+            if rsize < 8 or off + rsize > n:
+                raise ValueError(f"perf ring record of size {rsize} at {off} of {n} bytes "
+                                 "(corrupt ring)")
+            if rtype == PERF_RECORD_LOST:
+                self.lost += struct.unpack_from("<Q", buf, off + self.LOST_OFF)[0]
+            elif rtype == PERF_RECORD_SAMPLE:
+                raise ValueError("perf ring sample of unexpected size "
+                                 "(probes/pkstrace.bpf.c and EVENT_DTYPE disagree)")
+            else:
+                self.other_records += 1
+            off += rsize
+        struct.pack_into("<Q", self.mm, self.TAIL, head)
+        return b"".join(out)
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return  # closed already (the fd number may belong to someone else now)
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(self.fd, PERF_EVENT_IOC_DISABLE, 0)
+        with contextlib.suppress(BufferError, ValueError):
+            self.mm.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        self.fd = -1
+
+
+def wait_any(rings: Sequence[RingReader | PerfRingReader], timeout: float) -> None:
     """Until a ring has records or the timeout passes (the probes never wake us:
     BPF_RB_NO_WAKEUP, so this is a poll on a timer)."""
     if any(r.pending() for r in rings):
@@ -222,17 +371,24 @@ class BccBackend(Backend):
     name = "bcc"
 
     def __init__(self, probes: Sequence[ProbeSpec], cpus: Sequence[int] | None = None,
-                 mode: str = "events", buffer_kb: int = 8192) -> None:
+                 mode: str = "events", buffer_kb: int = 8192, bpf_buffer: str = "auto") -> None:
         super().__init__()
         if mode not in ("events", "counts", "both"):
             raise ValueError(f"bad bcc mode {mode!r}")
+        # Where events mode streams: "ring" (BPF ring buffer) or "perf" (perf rings).
+        self.buffer, self.buffer_why = choose_buffer(bpf_buffer)
         self.mode = "counts" if mode == "counts" else "events"
         self.want_events = mode in ("events", "both")
         self.want_counts = mode in ("counts", "both")
         self.probes = list(probes)
         self.cpus = list(cpus) if cpus else []
         self.bpf: Any = None
-        self._rings: list[RingReader] = []
+        self._rings: list[Any] = []  # RingReader or PerfRingReader, one per CPU
+        self._ring_cpus: list[int] = []  # the CPU of each (perf rings: online CPUs only)
+        self._drained = False
+        self._perfbuf_fd = -1  # the perfbuf map's fd (owned by bcc)
+        self._perf_sent: dict[int, int] = {}  # perf buffer: outputs the kernel accepted
+        self._perf_failed: dict[int, int] = {}  # ... and refused (ring full)
         # One ring for all CPUs, KB x CPUs x 3 rounded up to a power of two pages
         # as BPF requires (64 MiB for the default 8 MiB x 2 CPUs): with 64-byte
         # records (56 + header) about 1 M events, 2.5 s at this host's peak
@@ -272,10 +428,14 @@ class BccBackend(Backend):
         slot_expr = str(other_slot)
         for k, m in reversed(list(enumerate(self._msr_slots, 1))):
             slot_expr = f"((m) == {m:#x} ? {k} : {slot_expr})"
-        rings = " ".join(f"BPF_RINGBUF_OUTPUT(events{i}, RINGBUF_PAGES);"
-                         for i in range(self.nrings))
-        flags = [f"-DRINGBUF_PAGES={self.ring_pages}", f"-DEVENT_RINGS={rings}",
-                 f"-DMSR_KEEP(m)={_cond('m', msr.msrs if msr else ())}",
+        flags = []
+        if self.buffer == "perf":
+            flags.append("-DPERF_BUFFER")
+        else:
+            rings = " ".join(f"BPF_RINGBUF_OUTPUT(events{i}, RINGBUF_PAGES);"
+                             for i in range(self.nrings))
+            flags += [f"-DRINGBUF_PAGES={self.ring_pages}", f"-DEVENT_RINGS={rings}"]
+        flags += [f"-DMSR_KEEP(m)={_cond('m', msr.msrs if msr else ())}",
                  f"-DCPU_KEEP(c)={_cond('c', self.cpus)}",
                  f"-DNKINDS={len(KIND_CODES)}", f"-DNSLOTS={other_slot + 1}",
                  f"-DOTHER_SLOT={other_slot}", f"-DMSR_SLOT(m)={slot_expr}",
@@ -301,9 +461,9 @@ class BccBackend(Backend):
     def attach(self) -> list[ProbeResult]:
         from bcc import BPF
 
-        if self.want_events and not kernel_has_ringbuf():
-            raise self._error("bcc: the BPF ring buffer needs Linux >= 5.8 "
-                              "(use --backend perf or tracefs)")
+        if self.want_events and self.buffer == "ring" and not kernel_has_ringbuf():
+            raise self._error(f"bcc: the BPF ring buffer needs Linux >= 5.8, this is "
+                              f"{platform.release()} (use --bpf-buffer perf)")
         self._syms = kernel_symbols()
         src_path = probes_dir() / PROBE_FILE
         try:
@@ -342,17 +502,87 @@ class BccBackend(Backend):
             except Exception as e:  # noqa: BLE001
                 results.append(ProbeResult(p.name, p.required, False,
                                            f"kprobe refused: {_one_line(e)}"))
-        if self.want_events:
+        if self.want_events and self.buffer == "perf":
+            self._open_perf_rings()
+        elif self.want_events:
             rings = self.bpf[b"rings"]
             for cpu in range(self.nrings):
                 fd = self.bpf[f"events{cpu}".encode()].map_fd
                 rings[ctypes.c_int(cpu)] = ctypes.c_int(fd)
                 self._rings.append(RingReader(fd, self.ring_pages * mmap.PAGESIZE,
                                               EVENT_DTYPE.itemsize))
+                self._ring_cpus.append(cpu)
         # Misses before the switch are not events of this recording.
         self._misses_at_start = self.recursion_misses()
         self._switch(True)  # every probe starts at the same instant
         return results
+
+    def _open_perf_rings(self) -> None:
+        """One BPF output perf event and ring per online CPU, its fd stored at that
+        CPU's index of `events` (an offline CPU runs no probe)."""
+        from pkstrace.backends.hostfacts import online_cpus
+
+        table = self.bpf[b"events"]
+        size = self.ring_pages * mmap.PAGESIZE
+        for cpu in online_cpus():
+            if cpu >= self.nrings:
+                continue
+            fd = -1
+            try:
+                fd = open_bpf_output_event(cpu, wakeup_bytes=size // 2)
+                reader = PerfRingReader(fd, self.ring_pages, EVENT_DTYPE.itemsize)
+            except OSError as e:
+                if fd >= 0:
+                    os.close(fd)
+                raise self._error(f"bcc: cannot open the perf buffer on CPU {cpu}: "
+                                  f"{e.strerror or e}") from None
+            self._rings.append(reader)
+            self._ring_cpus.append(cpu)
+            table[ctypes.c_int(cpu)] = ctypes.c_int(fd)
+
+    def _perfbuf_state(self) -> np.ndarray:
+        """perfbuf's per-CPU (writing, sent) words, one bpf() lookup for all CPUs."""
+        from bcc.libbcc import lib
+
+        ncpu = possible_cpus()
+        vsize = (EVENT_DTYPE.itemsize + 16 + 7) & ~7  # struct perfbuf_t, per CPU
+        buf = ctypes.create_string_buffer(vsize * ncpu)
+        key = ctypes.c_int(0)
+        if self._perfbuf_fd < 0:
+            # By fd: bcc's table object cannot decode the struct (its s8 field).
+            self._perfbuf_fd = lib.bpf_table_fd(self.bpf.module, b"perfbuf")
+        if lib.bpf_lookup_elem(self._perfbuf_fd, ctypes.byref(key), buf) != 0:
+            raise OSError(ctypes.get_errno(), "bpf lookup of perfbuf failed")
+        words = np.frombuffer(buf.raw, dtype="<u8").reshape(ncpu, vsize // 8)
+        return words[:, EVENT_DTYPE.itemsize // 8:EVENT_DTYPE.itemsize // 8 + 2]
+
+    def _snapshot_perf_counters(self) -> None:
+        if self.bpf is None or self.buffer != "perf" or not self.want_events:
+            return
+        state = self._perfbuf_state()
+        self._perf_sent = {cpu: int(n) for cpu, n in enumerate(state[:, 1]) if n}
+        failed = self.bpf[b"lost"][ctypes.c_int(0)]
+        self._perf_failed = {cpu: int(n) for cpu, n in enumerate(failed) if n}
+
+    def _perf_lost(self) -> tuple[dict[int, int], dict[int, int]]:
+        """(lost per CPU, of which never arrived) on the perf buffer.
+
+        Lost: the kernel's PERF_RECORD_LOST counts, or the outputs the program saw
+        fail where they are more (the kernel writes a LOST record only before the
+        next sample that fits, so the last overflow's may never come). Never arrived
+        (known once drained): outputs the kernel accepted minus samples read.
+        """
+        lost: dict[int, int] = {}
+        unarrived: dict[int, int] = {}
+        for cpu, r in zip(self._ring_cpus, self._rings, strict=True):
+            n = max(r.lost, self._perf_failed.get(cpu, 0))
+            if self._drained:
+                gone = self._perf_sent.get(cpu, 0) - r.arrived
+                if gone > 0:
+                    unarrived[cpu] = gone
+                    n += gone
+            lost[cpu] = n
+        return lost, unarrived
 
     def _switch(self, on: bool) -> None:
         self.bpf[b"control"][ctypes.c_int(0)] = ctypes.c_uint32(1 if on else 0)
@@ -439,20 +669,33 @@ class BccBackend(Backend):
         after reserving the record); one that stopped at a record still being
         written, only records stamped at or after its last committed one.
         """
+        if self._detached:
+            return  # the readers are closed
         marks = []
-        for r in self._rings:
-            t0 = time.monotonic_ns()  # bpf_ktime_get_ns() is CLOCK_MONOTONIC
+        writing = None
+        if self.buffer == "perf" and self._rings and self.bpf is not None:
+            # Perf rings get a record after its ts was taken (the program builds it,
+            # then copies it out): a CPU whose program is between the two may still
+            # add an earlier record. It raised its `writing` word before taking the
+            # ts, so a CPU seen not writing now can only add records stamped later.
+            t_flags = time.monotonic_ns()
+            writing = self._perfbuf_state()[:, 0]
+        for cpu, r in zip(self._ring_cpus, self._rings, strict=True):
+            t0 = time.monotonic_ns() if writing is None else t_flags
             data = r.read()
             if data:
                 self._chunks.append(data)
                 r.last_ts = int(np.frombuffer(data, dtype=EVENT_DTYPE, offset=len(data)
                                               - EVENT_DTYPE.itemsize)["ts"][0])
-            marks.append(r.last_ts if r.stopped_at_busy else max(t0, r.last_ts))
+            busy = r.stopped_at_busy or (writing is not None and cpu < len(writing)
+                                         and bool(writing[cpu]))
+            marks.append(r.last_ts if busy else max(t0, r.last_ts))
         self._watermark = min(marks) if marks else None
 
     def drain(self) -> pd.DataFrame:
         self._read_rings()
         self._watermark = None  # stopped: nothing earlier can come any more
+        self._drained = self._stopped
         return self._decode()
 
     def _decode(self) -> pd.DataFrame:
@@ -565,7 +808,10 @@ class BccBackend(Backend):
         if self.bpf is None:
             return {}
         out: dict[int, int] = {}
-        if self.want_events:
+        if self.want_events and self.buffer == "perf":
+            self._snapshot_perf_counters()
+            out = self._perf_lost()[0]
+        elif self.want_events:
             vals = self.bpf[b"lost"][ctypes.c_int(0)]
             out = {cpu: int(v) for cpu, v in enumerate(vals)}
         missed = sum(self.misses.values())
@@ -644,15 +890,41 @@ class BccBackend(Backend):
         return self._aggregates
 
     def extra(self) -> dict[str, Any]:
-        return {"ringbuf_pages": self.ring_pages * self.nrings, "rings": self.nrings,
-                "recursion_misses": dict(self.misses),
-                "mode": "both" if self.want_events and self.want_counts else self.mode}
+        out: dict[str, Any] = {
+            "recursion_misses": dict(self.misses),
+            "mode": "both" if self.want_events and self.want_counts else self.mode}
+        if not self.want_events:
+            return out
+        out["buffer"] = self.buffer
+        out["buffer_choice"] = self.buffer_why
+        if self.buffer == "ring":
+            out.update({"ringbuf_pages": self.ring_pages * self.nrings, "rings": self.nrings})
+            return out
+        lost, unarrived = self._perf_lost()
+        by_cpu = {cpu: r for cpu, r in zip(self._ring_cpus, self._rings, strict=True)}
+        out["perf_pages_per_cpu"] = self.ring_pages
+        # JSON object keys are strings: CPUs as "0", "1", ...
+        out["perf_buffer"] = {
+            "sent": {str(c): self._perf_sent.get(c, 0) for c in by_cpu},
+            "arrived": {str(c): r.arrived for c, r in by_cpu.items()},
+            "lost_records": {str(c): r.lost for c, r in by_cpu.items()},
+            "output_failed": {str(c): self._perf_failed.get(c, 0) for c in by_cpu},
+            "never_arrived": {str(c): n for c, n in unarrived.items()},
+            "lost": {str(c): n for c, n in lost.items()},
+        }
+        return out
 
     def symbols(self) -> dict[int, str]:
         return dict(self._symbols)
 
     def notes(self) -> list[str]:
         out = list(self._notes)
+        if self.want_events and self.buffer == "perf":
+            _, unarrived = self._perf_lost()
+            if unarrived:
+                out.append("bcc perf buffer: outputs the kernel accepted but never wrote to "
+                           "the perf ring (counted as lost): " + ", ".join(
+                               f"CPU {c} {n}" for c, n in sorted(unarrived.items())))
         out.append("bcc: no irqs-off / irq context / preempt depth (ftrace flags) "
                    "in this backend")
         if self.mode == "counts":
@@ -670,9 +942,12 @@ class BccBackend(Backend):
             except Exception as e:  # noqa: BLE001 - keep detaching
                 self._notes.append(f"aggregates lost: {_one_line(e)}")
         problems = []
+        try:
+            self._snapshot_perf_counters()
+        except Exception as e:  # noqa: BLE001 - keep detaching
+            self._notes.append(f"perf buffer counters lost: {_one_line(e)}")
         for r in self._rings:
-            r.close()
-        self._rings = []
+            r.close()  # readers (and their counts) stay for extra() and notes()
         if self.bpf is not None:
             try:
                 self.bpf.cleanup()

@@ -65,7 +65,9 @@ def pks_functions_present() -> bool:
     return any(f in names for f in (*schema.WRITE_PKRS_FUNCS, *schema.GLOBAL_UPDATE_FUNCS))
 
 
-def create(name: str, specs: Sequence[ProbeSpec], opts: RecordOptions) -> Backend:
+def create(name: str, specs: Sequence[ProbeSpec], opts: RecordOptions,
+           bpf_buffer: str = "auto") -> Backend:
+    """The backend ``name``; ``bpf_buffer`` (bcc events mode) is auto, ring or perf."""
     if name == "tracefs":
         from pkstrace.backends.tracefs import TracefsBackend
 
@@ -77,5 +79,6 @@ def create(name: str, specs: Sequence[ProbeSpec], opts: RecordOptions) -> Backen
     if name == "bcc":
         from pkstrace.backends.bcc import BccBackend
 
-        return BccBackend(specs, cpus=opts.cpus, mode=opts.mode, buffer_kb=opts.buffer_kb)
+        return BccBackend(specs, cpus=opts.cpus, mode=opts.mode, buffer_kb=opts.buffer_kb,
+                          bpf_buffer=bpf_buffer)
     raise InputError(f"unknown backend {name!r}")

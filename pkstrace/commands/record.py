@@ -32,6 +32,7 @@ examples:
   sudo pkstrace record -o host.pkstrace -- ./my-test    # while a command runs
   sudo pkstrace record --backend tracefs -d 5 --force   # pure-Python backend, overwrite
   sudo pkstrace record --mode counts -d 60    # in-kernel counts + latency histograms (bcc)
+  sudo pkstrace record --backend bcc --bpf-buffer perf -d 5   # perf rings, as before Linux 5.8
   sudo pkstrace record --msr 0x6e1,0x830 -d 5 # keep only these MSRs' writes
   sudo pkstrace record --cpus 0-3 --isolated 2-3 -d 5   # events on CPUs 0-3; treat 2-3 as isolated
   sudo pkstrace record --symbols my_update_pkrs -d 5    # also probe this global-update function
@@ -67,6 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--buffer-kb", type=int, default=8192, metavar="KB",
                    help="per-CPU buffer (default 8192): tracefs ring per CPU; "
                    "bcc's one ring is about KB x CPUs x 3")
+    p.add_argument("--bpf-buffer", default="auto", choices=("auto", "ring", "perf"),
+                   help="bcc events mode: stream through the BPF ring buffer (ring) or "
+                   "per-CPU perf buffers (perf); default auto: ring where the kernel has it "
+                   "(Linux >= 5.8), else perf")
     status = p.add_mutually_exclusive_group()
     status.add_argument("--status", dest="status", action="store_true", default=None,
                         help="live status line on stderr (default: when stderr is a tty)")
@@ -136,6 +141,9 @@ def run(args: argparse.Namespace) -> int:
                          sched_switch=not args.no_sched, mode=args.mode,
                          buffer_kb=args.buffer_kb)
     name, why = select.choose(args.backend, args.mode)
+    if args.bpf_buffer != "auto" and (name != "bcc" or args.mode != "events"):
+        raise InputError(f"--bpf-buffer {args.bpf_buffer}: only for --backend bcc in "
+                         f"--mode events (this is {name}, --mode {args.mode})")
     remove_dead_recorders_leftovers()
 
     host = hostfacts.collect()
@@ -156,9 +164,11 @@ def run(args: argparse.Namespace) -> int:
     if opts.msrs is None:
         meta.notes.append("MSR filter: " + ("PKRS (0x6e1)" if host.get("pks")
                                             else "every MSR (this CPU has no PKS)"))
-    backend = select.create(name, specs, opts)
+    backend = select.create(name, specs, opts, bpf_buffer=args.bpf_buffer)
     target = " -- " + shlex.join(command) if command else ""
-    print(f"pkstrace record: {why}", file=sys.stderr)
+    buffer_why = getattr(backend, "buffer_why", "") if args.mode == "events" else ""
+    print(f"pkstrace record: {why}" + (f"; BPF buffer {buffer_why}" if buffer_why else ""),
+          file=sys.stderr)
 
     def on_attached(results: list[Any]) -> None:
         by_reason: dict[str, list[str]] = {}
