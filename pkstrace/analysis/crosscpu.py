@@ -20,6 +20,19 @@ Matching (all vectorised):
    Nested local calls of the same func on one CPU would pair the inner entry with
    the first exit (the outer entry stays unmatched): rare, and counted.
 
+Kernels before 6.3 have no csd tracepoints: there the recorder puts kprobes on
+``generic_exec_single`` (-> csd_queue) and ``smp_call_function_many_cond`` (->
+ipi_send with a cpumask) and records the call-function vector tracepoints
+(callfunc_entry / exit) instead (importers/kprobe_calls.py). Such a trace has no
+csd tokens on the entry side, so :func:`cross_cpu_by_time` matches each remote
+queue, and each CPU of a cpumask send, to the first call-function vector entry on
+the target CPU after it (``pd.merge_asof`` by target CPU, forward). Several calls
+queued to one CPU before its interrupt runs share that entry, as they share the
+IPI. A queue with no entry within ``VECTOR_MATCH_MAX_NS`` stays unmatched, and a
+vector entry no queue claims is an ``unmatched_entry`` (remote wake-ups queued by
+the scheduler, which do not pass through generic_exec_single, land there).
+Handler time is then the whole vector handler (every call it ran).
+
 Latency = entry - queue (delivery); handler = exit - entry. ``target_idle``: the
 target CPU ran the idle task (pid 0) at queue time, by the last sched_switch on it;
 where no sched_switch for that CPU precedes the queue, by the entry's pid being 0.
@@ -34,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from pkstrace import schema
+from pkstrace.analysis.counts import expand_ipi_targets
 from pkstrace.analysis.findings import CALLS_COLUMNS
 from pkstrace.analysis.prep import (
     KIND_CODE,
@@ -56,6 +70,7 @@ class CrossCpu:
     orphan_entries: pd.DataFrame
     summary: dict[str, Any] = field(default_factory=dict)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # for Findings.notes
 
 
 def _cat(p: Prepared, name: str, rows: np.ndarray) -> pd.Categorical:
@@ -65,6 +80,8 @@ def _cat(p: Prepared, name: str, rows: np.ndarray) -> pd.Categorical:
 
 
 def cross_cpu(p: Prepared) -> CrossCpu:
+    if matched_by_time(p):
+        return cross_cpu_by_time(p)
     sub = p.rows(schema.Kind.CSD_QUEUE, schema.Kind.CSD_ENTRY, schema.Kind.CSD_EXIT)
     k = p.kind[sub]
     rank = np.where(k == KIND_CODE["csd_queue"], 0,
@@ -172,15 +189,24 @@ def cross_cpu(p: Prepared) -> CrossCpu:
         "pid": pid_all[orow].astype(np.int64),
         "func_code": func_codes[orow].astype(np.int64)})
 
+    return _finish(p, calls, queues, orphan_entries, {
+        "unmatched_queue": int((is_q & ~q_matched).sum()),
+        "unmatched_entry": int(orphan.sum()),
+        "unmatched_exit": int((is_x & ~x_from_e).sum()),
+    })
+
+
+def _finish(p: Prepared, calls: pd.DataFrame, queues: pd.DataFrame,
+            orphan_entries: pd.DataFrame, unmatched: dict[str, int],
+            notes: list[str] | None = None) -> CrossCpu:
+    """Summary and latency tables of matched calls (both matching methods)."""
     remote = calls[~calls["local"]]
     lat = remote["latency_ns"].to_numpy()
     summary: dict[str, Any] = {
         "count": int(len(calls)),
         "remote": int(len(remote)),
         "local": int(calls["local"].sum()),
-        "unmatched_queue": int((is_q & ~q_matched).sum()),
-        "unmatched_entry": int(orphan.sum()),
-        "unmatched_exit": int((is_x & ~x_from_e).sum()),
+        **unmatched,
         **percentiles(lat),
     }
     h = percentiles(remote["handler_ns"].to_numpy())
@@ -202,7 +228,168 @@ def cross_cpu(p: Prepared) -> CrossCpu:
                                            by_lat),
     }
     return CrossCpu(calls=calls, queues=queues, orphan_entries=orphan_entries,
-                    summary=summary, tables=tables)
+                    summary=summary, tables=tables, notes=list(notes or []))
+
+
+# Probes whose presence in a trace means calls were recorded without csd tokens.
+FALLBACK_PROBES = frozenset({"kprobe:generic_exec_single", "kprobe:smp_call_function_many_cond",
+                             "kprobe:smp_call_function_many"})
+# A queue whose target shows no call-function vector entry within this long is left
+# unmatched rather than paired with an unrelated later interrupt (a polling idle CPU
+# runs its queue without an IPI; a cond_func can decline a CPU of a mask).
+VECTOR_MATCH_MAX_NS = 100_000_000
+BY_TIME_NOTE = ("cross-CPU calls were recorded without csd tracepoints (kprobes on "
+                "generic_exec_single / smp_call_function_many_cond): latencies were matched "
+                "by time to the next call-function vector entry on the target CPU, not by "
+                "csd token; handler times are whole vector handlers")
+
+
+def matched_by_time(p: Prepared) -> bool:
+    """Whether this trace's calls must be matched by time (no csd entries to pair with).
+
+    Yes where the recorder says it used the fallback kprobes, or where the events
+    show it: remote calls queued and call-function vector entries, but no remote
+    csd_function_entry at all.
+    """
+    if any(pr.get("attached") and pr.get("name") in FALLBACK_PROBES
+           for pr in p.meta.probes if isinstance(pr, dict)):
+        return True
+    ent = p.rows(schema.Kind.CSD_ENTRY)
+    if (p.col("csd")[ent] != 0).any() or len(p.rows(schema.Kind.CALLFUNC_ENTRY)) == 0:
+        return False
+    return len(p.rows(schema.Kind.CSD_QUEUE)) > 0 or len(_mask_sends(p)[0]) > 0
+
+
+def _mask_sends(p: Prepared) -> tuple[np.ndarray, np.ndarray]:
+    """Cpumask sends that name the function (kprobe on smp_call_function_many_cond),
+    once per target CPU other than the sender: (row, target cpu)."""
+    rows, tgt = expand_ipi_targets(p)
+    keep = (p.col("target_cpu")[rows] < 0) & (tgt != p.col("cpu")[rows])
+    func_codes, _ = p.codes("func")
+    keep &= func_codes[rows] >= 0
+    if keep.any():
+        _, cats = p.codes("func")
+        named = np.append(cats.astype(str) != "", False)  # code -1 -> False
+        keep &= named[func_codes[rows]]
+    return rows[keep], tgt[keep]
+
+
+def cross_cpu_by_time(p: Prepared) -> CrossCpu:
+    """Cross-CPU calls matched queue -> call-function vector entry by time (see top)."""
+    ts_all, cpu_all, pid_all = p.col("ts"), p.col("cpu"), p.col("pid")
+    tcpu_all = p.col("target_cpu")
+    q1 = p.rows(schema.Kind.CSD_QUEUE)
+    q1 = q1[tcpu_all[q1] != cpu_all[q1]]
+    m_rows, m_tgt = _mask_sends(p)
+    q_rows = np.concatenate([q1, m_rows]).astype(np.int64)
+    q_tgt = np.concatenate([tcpu_all[q1].astype(np.int64), m_tgt]).astype(np.int64)
+    order = np.argsort(q_rows, kind="stable")  # rows are time order
+    q_rows, q_tgt = q_rows[order], q_tgt[order]
+    ent = p.rows(schema.Kind.CALLFUNC_ENTRY).astype(np.int64)
+    ext = p.rows(schema.Kind.CALLFUNC_EXIT).astype(np.int64)
+    # queue -> first vector entry on the target CPU after it (rows break equal times)
+    hit = pd.merge_asof(
+        pd.DataFrame({"row": q_rows, "cpu": q_tgt}),
+        pd.DataFrame({"row": ent, "cpu": cpu_all[ent].astype(np.int64), "entry_row": ent}),
+        on="row", by="cpu", direction="forward", allow_exact_matches=False)
+    e_row = hit["entry_row"].fillna(-1).to_numpy().astype(np.int64)
+    found = e_row >= 0
+    lat = np.where(found, ts_all[np.maximum(e_row, 0)] - ts_all[q_rows], -1)
+    found &= lat <= VECTOR_MATCH_MAX_NS
+    e_row = np.where(found, e_row, -1)
+    # entry -> its exit: the next vector exit on that CPU, if no other entry comes first
+    e_cpu = cpu_all[ent].astype(np.int64)
+    nxt = pd.merge_asof(
+        pd.DataFrame({"row": ent, "cpu": e_cpu}),
+        pd.DataFrame({"row": np.concatenate([ent, ext]),
+                      "cpu": np.concatenate([e_cpu, cpu_all[ext].astype(np.int64)]),
+                      "next_row": np.concatenate([ent, ext]),
+                      "is_exit": np.r_[np.zeros(len(ent), bool), np.ones(len(ext), bool)]}
+                     ).sort_values("row", kind="stable"),
+        on="row", by="cpu", direction="forward", allow_exact_matches=False)
+    exit_of_entry = np.where(nxt["is_exit"].fillna(False).to_numpy(dtype=bool),
+                             nxt["next_row"].fillna(-1).to_numpy(), -1).astype(np.int64)
+    pos = np.searchsorted(ent, np.maximum(e_row, 0))
+    x_row = np.where(found, exit_of_entry[np.minimum(pos, max(len(ent) - 1, 0))]
+                     if len(ent) else -1, -1)
+    entry_ns = np.where(found, ts_all[np.maximum(e_row, 0)], -1)
+    exit_ns = np.where(x_row >= 0, ts_all[np.maximum(x_row, 0)], -1)
+    q_ts = ts_all[q_rows]
+    func_codes, _ = p.codes("func")
+    queues = pd.DataFrame({
+        "row": q_rows, "ts": q_ts, "source_cpu": cpu_all[q_rows].astype(np.int32),
+        "target_cpu": q_tgt.astype(np.int32),
+        "pid": pid_all[q_rows].astype(np.int32),
+        "comm_code": p.codes("comm")[0][q_rows].astype(np.int32),
+        "callsite_code": p.codes("callsite")[0][q_rows].astype(np.int32),
+        "func_code": func_codes[q_rows].astype(np.int32),
+        "depth": p.col("preempt_depth")[q_rows].astype(np.int32),
+        "entry_row": e_row, "exit_row": x_row,
+        "entry_ns": entry_ns, "exit_ns": exit_ns,
+        "done_ns": np.where(x_row >= 0, exit_ns, np.where(found, entry_ns, q_ts)),
+    }, copy=False)
+
+    # calls: matched remote queues, then local calls (csd_entry with no csd, as the
+    # importer writes a generic_exec_single to the caller's own CPU)
+    mq = np.flatnonzero(found)
+    loc = p.rows(schema.Kind.CSD_ENTRY)
+    loc = loc[p.col("csd")[loc] == 0].astype(np.int64)
+    n_r, n_l = len(mq), len(loc)
+    src_rows = np.concatenate([q_rows[mq], loc])  # where func/callsite/comm come from
+    c_entry = np.concatenate([e_row[mq], loc])
+    c_exit = np.concatenate([x_row[mq], np.full(n_l, -1, np.int64)])
+    target = np.concatenate([q_tgt[mq], cpu_all[loc].astype(np.int64)]).astype(np.int32)
+    is_remote = np.r_[np.ones(n_r, bool), np.zeros(n_l, bool)]
+    c_entry_ns = ts_all[c_entry] if len(c_entry) else np.zeros(0, np.int64)
+    c_queue_ns = np.where(is_remote, ts_all[src_rows] if len(src_rows) else 0, -1)
+    c_exit_ns = np.where(c_exit >= 0, ts_all[np.maximum(c_exit, 0)] if len(c_exit) else 0, -1)
+    ss = p.rows(schema.Kind.SCHED_SWITCH)
+    last_ss = asof_prev(target, src_rows, cpu_all[ss], ss, p.n)
+    idle_by_ss = p.col("next_pid")[ss[np.maximum(last_ss, 0)]] == 0 if len(ss) else \
+        np.zeros(len(src_rows), dtype=bool)
+    target_idle = np.where(last_ss >= 0, idle_by_ss,
+                           pid_all[c_entry] == 0 if len(c_entry) else False) & is_remote
+    callsite = _cat(p, "callsite", src_rows)
+    if n_l:
+        callsite = callsite.add_categories([""]) if "" not in callsite.categories else callsite
+        callsite[~is_remote] = ""
+    calls = pd.DataFrame({
+        "queue_ns": c_queue_ns.astype(np.int64),
+        "entry_ns": c_entry_ns.astype(np.int64),
+        "exit_ns": c_exit_ns.astype(np.int64),
+        "source_cpu": cpu_all[src_rows],
+        "target_cpu": target,
+        "func": _cat(p, "func", src_rows),
+        "callsite": callsite,
+        "comm": _cat(p, "comm", src_rows),
+        "pid": pid_all[src_rows].astype(np.int64),
+        "local": ~is_remote,
+        "latency_ns": np.where(is_remote, (c_entry_ns - c_queue_ns).astype(np.float64), np.nan),
+        "handler_ns": np.where(c_exit >= 0, (c_exit_ns - c_entry_ns).astype(np.float64), np.nan),
+        "target_idle": target_idle,
+        "episode": np.full(len(src_rows), -1, dtype=np.int64),
+        "_queue_row": np.where(is_remote, src_rows, -1),
+        "_entry_row": c_entry,
+    }, copy=False)
+    calls = calls.sort_values("entry_ns", kind="stable").reset_index(drop=True)
+
+    claimed = np.zeros(len(ent), bool)
+    if len(ent) and n_r:
+        claimed[np.searchsorted(ent, e_row[mq])] = True
+    orow = ent[~claimed]
+    orphan_entries = pd.DataFrame({
+        "row": orow, "ts": ts_all[orow], "cpu": cpu_all[orow].astype(np.int64),
+        "pid": pid_all[orow].astype(np.int64),
+        "func_code": func_codes[orow].astype(np.int64)})
+    x_claimed = np.zeros(len(ext), bool)
+    if len(ext):
+        xr = exit_of_entry[exit_of_entry >= 0]
+        x_claimed[np.searchsorted(ext, xr)] = True
+    return _finish(p, calls, queues, orphan_entries, {
+        "unmatched_queue": int((~found).sum()),
+        "unmatched_entry": int((~claimed).sum()),
+        "unmatched_exit": int((~x_claimed).sum()),
+    }, notes=[BY_TIME_NOTE])
 
 
 def public_calls(calls: pd.DataFrame) -> pd.DataFrame:

@@ -82,7 +82,9 @@ def violations(p: Prepared, isolated: list[int], queues: pd.DataFrame,
         order = np.argsort(ipi_rows, kind="stable")
         ipi_rows, ipi_tgt, ikey = ipi_rows[order], ipi_tgt[order], ikey[order]
         qo = np.argsort(qr, kind="stable")
-        found = asof_prev(ikey, ipi_rows, qkey[qo], qr[qo], p.n)
+        # inclusive: a kprobe on smp_call_function_many_cond is one row that is both
+        # the cpumask send and (per CPU in it) the queues (analysis/crosscpu.py)
+        found = asof_prev(ikey, ipi_rows, qkey[qo], qr[qo], p.n, inclusive=True)
         # the previous IPI from the same source to the same target
         prev_ipi = asof_prev(ikey, ipi_rows, ikey, ipi_rows, p.n)
         explained = found >= 0

@@ -129,6 +129,7 @@ def analyse(trace: schema.Trace, isolated: list[int] | None = None,
     f.redundant_by_cpu_msr, f.redundant_by_task = red.by_cpu_msr, red.by_task
     f.write_pkrs = red.write_pkrs
     f.cross_cpu_summary = cc.summary
+    f.notes.extend(cc.notes)  # how calls were matched, where it is not by csd token
     f.latency_per_target_cpu = cc.tables["per_target_cpu"]
     f.latency_per_func = cc.tables["per_func"]
     f.latency_per_callsite = cc.tables["per_callsite"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,57 @@ GLOBAL_UPDATE_ARGS = "pkey=%di:s32 prot=%si:x64"
 # write_msr the MSR state. Everything else is optional and reported if absent.
 REQUIRED_TRACEPOINTS = frozenset({"msr:write_msr", "csd:csd_queue_cpu", "csd:csd_function_entry"})
 
+# Cross-CPU calls on kernels without the csd tracepoints (before 6.3; the ipi ones
+# came in 6.6): kprobes where the calls are queued, and the call-function vector
+# tracepoints (since 3.x) as the entry side, matched by time in the analysis.
+# The event names are what the importer (importers/kprobe_calls.py) maps to kinds.
+CSD_QUEUE_FUNC = "generic_exec_single"
+# smp_call_function_many_cond() since 5.7; before it smp_call_function_many() (both
+# take (mask, func, ...)). Probe the first the kernel has: on 5.7+ the second calls
+# the first, so probing both would count every send twice.
+CSD_MANY_FUNCS: tuple[str, ...] = ("smp_call_function_many_cond", "smp_call_function_many")
+CSD_FALLBACK_REPLACES = ("csd:", "ipi:")  # tracepoints the fallback stands in for
+CALLFUNC_TRACEPOINTS = ("irq_vectors:call_function_single_entry",
+                        "irq_vectors:call_function_single_exit",
+                        "irq_vectors:call_function_entry", "irq_vectors:call_function_exit")
+CSD_KPROBE_BACKENDS = ("tracefs",)  # backends that attach these kprobes
+
+
+def kernel_version(release: str) -> tuple[int, int]:
+    """(major, minor) of a release string ("6.12.117+deb12-amd64" -> (6, 12)); (0, 0)
+    if unreadable."""
+    m = re.match(r"(\d+)\.(\d+)", release or "")
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def csd_kprobe_fetchargs(release: str) -> tuple[str, str]:
+    """Fetch-args of the two fallback kprobes for this kernel release.
+
+    ``generic_exec_single``: from 5.8 it is ``(int cpu, struct __call_single_data
+    *csd)`` and ``func`` sits at offset 16 of the csd (``struct __call_single_node``
+    node: llist 8 + flags 4 + src/dst 2x2 bytes, include/linux/smp_types.h); before
+    5.8 the signature was ``(int cpu, call_single_data_t *csd, smp_call_func_t func,
+    void *info)`` (func in the third register, csd->func at offset 8). An unreadable
+    release gets the 5.8+ layout. The many-CPU send takes ``(mask, func, ...)`` on
+    every version; ``mask`` is read as its first 64 bits (CPUs 0-63). ``caller`` is
+    the return address on the stack at entry: who asked for the call.
+    """
+    caller = "caller=$stack0:symbol"
+    if (0, 0) < kernel_version(release) < (5, 8):
+        single = f"cpu=%di:s32 func=%dx:symbol csd=%si:x64 {caller}"
+    else:
+        single = f"cpu=%di:s32 func=+16(%si):symbol csd=%si:x64 {caller}"
+    many = f"mask=+0(%di):x64 func=%si:symbol {caller}"
+    return single, many
+
+
+def has_csd_tracepoints() -> bool | None:
+    """Whether this kernel has csd:csd_queue_cpu (None: tracefs not mounted)."""
+    for d in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
+        if os.path.isdir(f"{d}/events"):
+            return os.path.isdir(f"{d}/events/csd/csd_queue_cpu")
+    return None
+
 
 @dataclass
 class RecordOptions:
@@ -82,13 +134,26 @@ class RecordOptions:
     sched_switch: bool = True
     mode: str = "events"
     buffer_kb: int = 8192
+    # Record cross-CPU calls with kprobes on generic_exec_single /
+    # smp_call_function_many_cond and the call-function vectors instead of the csd /
+    # ipi tracepoints, as on a kernel before 6.3 (done anyway where the kernel lacks
+    # csd:csd_queue_cpu). For testing the fallback and comparing the two paths.
+    csd_kprobes: bool = False
 
 
 def plan_probes(opts: RecordOptions, kernel_symbols: set[str] | None, kprobes_available: bool,
-                have_pks: bool) -> tuple[list[ProbeSpec], list[ProbeResult]]:
+                have_pks: bool, backend: str = "", csd_tracepoints: bool | None = None,
+                kernel_release: str | None = None,
+                ) -> tuple[list[ProbeSpec], list[ProbeResult]]:
     """The probes to attach, and the ones known absent up front (with the reason).
 
     ``kernel_symbols`` are function names from /proc/kallsyms (None = unknown).
+    ``backend``: the backend that will attach them ("" = any); only tracefs attaches
+    the cross-CPU fallback kprobes. ``csd_tracepoints``: whether the kernel has
+    csd:csd_queue_cpu (None = look in tracefs); without it (or with
+    ``opts.csd_kprobes``) cross-CPU calls are planned as kprobes (see
+    :func:`plan_csd_fallback`). ``kernel_release`` picks their fetch-args
+    (None = this kernel's).
     """
     from pkstrace import schema
     from pkstrace.backends.tracefs import msr_filter
@@ -139,7 +204,68 @@ def plan_probes(opts: RecordOptions, kernel_symbols: set[str] | None, kprobes_av
         used_events.add(ev_name)
         specs.append(ProbeSpec(name=name, kind="kprobe", required=required, event=ev_name,
                                symbol=func, fetchargs=args))
+    if csd_tracepoints is None:
+        csd_tracepoints = has_csd_tracepoints()
+    if opts.csd_kprobes or csd_tracepoints is False:
+        why = ("--csd-kprobes" if opts.csd_kprobes
+               else "the kernel has no csd tracepoints (before 6.3)")
+        specs, more = plan_csd_fallback(specs, why, kernel_symbols, kprobes_available, backend,
+                                        kernel_release if kernel_release is not None
+                                        else os.uname().release)
+        unplanned = [r for r in more if r.required]
+        if opts.csd_kprobes and unplanned:
+            # asked for by name: a recording without its cross-CPU calls is no answer
+            raise KernelFeatureError(f"--csd-kprobes: {unplanned[0].name}: "
+                                     f"{unplanned[0].reason}")
+        absent += more
     return specs, absent
+
+
+def plan_csd_fallback(specs: list[ProbeSpec], why: str, kernel_symbols: set[str] | None,
+                      kprobes_available: bool, backend: str, release: str,
+                      ) -> tuple[list[ProbeSpec], list[ProbeResult]]:
+    """Replace the csd / ipi tracepoints by kprobes where calls are queued, and make
+    the call-function vector tracepoints (their entry side) required.
+
+    Every replaced or unattachable probe is returned with its reason, so the trace
+    metadata says what the recording stood on.
+    """
+    absent: list[ProbeResult] = []
+    out: list[ProbeSpec] = []
+    for s in specs:
+        if s.kind == "tracepoint" and s.name.startswith(CSD_FALLBACK_REPLACES):
+            absent.append(ProbeResult(s.name, False, False,
+                                      f"replaced by kprobes on {CSD_QUEUE_FUNC} / "
+                                      f"{CSD_MANY_FUNCS[0]} ({why})"))
+        elif s.name in CALLFUNC_TRACEPOINTS and s.name.endswith("_entry"):
+            # the only delivery time the fallback has: required
+            out.append(ProbeSpec(name=s.name, kind=s.kind, required=True))
+        else:
+            out.append(s)
+    have = {s.name for s in out}
+    for tp in CALLFUNC_TRACEPOINTS:
+        if tp not in have:
+            out.append(ProbeSpec(name=tp, kind="tracepoint", required=tp.endswith("_entry")))
+    single_args, many_args = csd_kprobe_fetchargs(release)
+    many = CSD_MANY_FUNCS[0]
+    if kernel_symbols is not None:
+        many = next((f for f in CSD_MANY_FUNCS if f in kernel_symbols), CSD_MANY_FUNCS[0])
+    for func, args in ((CSD_QUEUE_FUNC, single_args), (many, many_args)):
+        name = f"kprobe:{func}"
+        if backend and backend not in CSD_KPROBE_BACKENDS:
+            absent.append(ProbeResult(name, True, False,
+                                      f"needs kprobes; use --backend tracefs ({backend} "
+                                      "does not attach the cross-CPU fallback kprobes)"))
+        elif kernel_symbols is not None and func not in kernel_symbols:
+            absent.append(ProbeResult(name, True, False,
+                                      "absent: the kernel has no such function (inlined?)"))
+        elif not kprobes_available:
+            absent.append(ProbeResult(name, True, False,
+                                      "needs kprobes: kernel built without CONFIG_KPROBES"))
+        else:
+            out.append(ProbeSpec(name=name, kind="kprobe", required=True, event=func,
+                                 symbol=func, fetchargs=args))
+    return out, absent
 
 
 class Backend(ABC):

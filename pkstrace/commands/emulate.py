@@ -31,6 +31,9 @@ examples:
   pkstrace emulate --cpus 8 --isolated 6-7 --scenario v3-race --threads 3 -o race.pkstrace
   pkstrace emulate --cpus 4 --isolated 3 --scenario v3-raw -o raw.pkstrace  # panics
   pkstrace emulate --scenario v3 --kernel ./linux-image-6.12.99-amd64-unsigned.deb -o x.pkstrace
+  pkstrace emulate --cpus 4 --scenario v3 --csd-kprobes -o old.pkstrace  # as on Linux < 6.3
+  pkstrace emulate --cpus 4 --scenario v3 --csd-kprobes both -o v3k.pkstrace
+                                    # + v3k.tracepoints.pkstrace: the same run, csd tracepoints
   pkstrace replay v3.pkstrace --json                        # analyse it again
 """
 
@@ -69,6 +72,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="MB", help="guest memory (default max(1024, 640 + 48 x cpus))")
     p.add_argument("--rebuild", metavar="RUNDIR",
                    help="rebuild the trace from a kept run directory (no boot)")
+    p.add_argument("--csd-kprobes", nargs="?", const="only", default="",
+                   choices=("only", "both"), metavar="only|both",
+                   help="record cross-CPU calls as on a kernel before 6.3: kprobes on "
+                        "generic_exec_single / smp_call_function_many_cond and the "
+                        "call-function vectors instead of the csd/ipi tracepoints; 'both' "
+                        "records both paths in one run and also writes "
+                        "FILE-stem.tracepoints.pkstrace")
     p.add_argument("-f", "--force", action="store_true", help="overwrite FILE")
     p.add_argument("-q", "--quiet", action="store_true", help="no replay summary")
 
@@ -112,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
         opts = scenarios.RunOptions(
             scenario=args.scenario, cpus=args.cpus, isolated=args.isolated,
             iterations=args.iterations, threads=args.threads, output=out,
-            kernel=args.kernel, timeout_s=args.timeout, mem_mb=args.memory, force=args.force)
+            kernel=args.kernel, timeout_s=args.timeout, mem_mb=args.memory, force=args.force,
+            csd_kprobes=args.csd_kprobes)
         res = scenarios.run(opts, log=_log)
     for line in outcome_lines(res):
         _log(line)

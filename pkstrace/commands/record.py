@@ -36,6 +36,7 @@ examples:
   sudo pkstrace record --msr 0x6e1,0x830 -d 5 # keep only these MSRs' writes
   sudo pkstrace record --cpus 0-3 --isolated 2-3 -d 5   # events on CPUs 0-3; treat 2-3 as isolated
   sudo pkstrace record --symbols my_update_pkrs -d 5    # also probe this global-update function
+  sudo pkstrace record --backend tracefs --csd-kprobes -d 5  # calls as kernels < 6.3 record them
 """
 
 
@@ -65,6 +66,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="more global-update functions to probe (comma-separated; "
                    "prefix write: for write_pkrs-like ones)")
     p.add_argument("--no-sched", action="store_true", help="do not record sched:sched_switch")
+    p.add_argument("--csd-kprobes", action="store_true",
+                   help="record cross-CPU calls with kprobes on generic_exec_single / "
+                   "smp_call_function_many_cond and the call-function vectors instead of "
+                   "the csd/ipi tracepoints, as on kernels before 6.3 (done anyway where "
+                   "csd:csd_queue_cpu is missing); needs kprobes and --backend tracefs")
     p.add_argument("--buffer-kb", type=int, default=8192, metavar="KB",
                    help="per-CPU buffer (default 8192): tracefs ring per CPU; "
                    "bcc's one ring is about KB x CPUs x 3")
@@ -139,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     opts = RecordOptions(msrs=_msrs(args.msr), read_msr=args.read_msr, cpus=cpus,
                          symbols=[s.strip() for s in args.symbols.split(",") if s.strip()],
                          sched_switch=not args.no_sched, mode=args.mode,
-                         buffer_kb=args.buffer_kb)
+                         buffer_kb=args.buffer_kb, csd_kprobes=args.csd_kprobes)
     name, why = select.choose(args.backend, args.mode)
     if args.bpf_buffer != "auto" and (name != "bcc" or args.mode != "events"):
         raise InputError(f"--bpf-buffer {args.bpf_buffer}: only for --backend bcc in "
@@ -153,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         host["nohz_full_cpus"] = []
         host["isolated_source"] = "--isolated"
     specs, absent = plan_probes(opts, function_names(), checks.kprobes_available(),
-                                bool(host.get("pks")))
+                                bool(host.get("pks")), backend=name)
     meta = schema.TraceMeta(host=host)
     meta.probes = [a.to_json() for a in absent]
     meta.command = ["pkstrace", "record", *sys.argv[2:]] if sys.argv[1:2] == ["record"] \

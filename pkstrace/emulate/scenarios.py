@@ -104,6 +104,10 @@ class RunOptions:
     timeout_s: float | None = None
     mem_mb: int | None = None
     force: bool = False
+    # "": csd/ipi tracepoints; "only": record cross-CPU calls as on a kernel before
+    # 6.3 (kprobes + call-function vectors, see backends/base.py plan_csd_fallback);
+    # "both": both paths in one run, written as two traces (see build_trace)
+    csd_kprobes: str = ""
 
 
 @dataclass
@@ -162,6 +166,23 @@ def check_options(o: RunOptions) -> list[int]:
     if o.threads < 0:
         raise InputError("--threads must be >= 0")
     return iso
+
+
+def record_probes(csd_kprobes: str, release: str) -> tuple[list[str], list[str]]:
+    """Tracepoints and kprobe specs the guest records (``--csd-kprobes`` mode)."""
+    from pkstrace.backends import base
+
+    if csd_kprobes not in ("", "only", "both"):
+        raise ValueError(f"bad csd_kprobes mode {csd_kprobes!r}")
+    events, kprobes = list(RECORD_EVENTS), list(RECORD_KPROBES)
+    if csd_kprobes:
+        if csd_kprobes == "only":
+            events = [e for e in events if not e.startswith(base.CSD_FALLBACK_REPLACES)]
+        events += list(base.CALLFUNC_TRACEPOINTS)
+        single, many = base.csd_kprobe_fetchargs(release)
+        kprobes += [f"{base.CSD_QUEUE_FUNC}:{base.CSD_QUEUE_FUNC} {single}",
+                    f"{base.CSD_MANY_FUNCS[0]}:{base.CSD_MANY_FUNCS[0]} {many}"]
+    return events, kprobes
 
 
 def _cpulist(cpus: list[int]) -> str:
@@ -246,8 +267,9 @@ def run(o: RunOptions, log: Callable[[str], None] = print) -> RunResult:
     work = _workdir(o.scenario)
     params = (f"scenario={o.scenario} iterations={o.iterations} threads={o.threads} "
               "updater_cpu=0")
+    events, kprobes = record_probes(o.csd_kprobes, kern.release)
     cfg = {
-        "events": list(RECORD_EVENTS), "kprobes": list(RECORD_KPROBES), "msr": RECORD_MSR,
+        "events": events, "kprobes": kprobes, "msr": RECORD_MSR,
         "buffer_kb": 2048, "clock": "mono", "ready_timeout_s": 120, "stop_timeout_s": 60,
         "settle_s": 0.3,
     }
@@ -267,7 +289,8 @@ def run(o: RunOptions, log: Callable[[str], None] = print) -> RunResult:
         log(f"emulate: {notes[-1]}")
     record = {
         "options": {"scenario": o.scenario, "cpus": o.cpus, "isolated": iso,
-                    "iterations": o.iterations, "threads": o.threads},
+                    "iterations": o.iterations, "threads": o.threads,
+                    "csd_kprobes": o.csd_kprobes},
         "kernel": kern.release, "append": append, "timeout_s": timeout, "clock": cfg["clock"],
         "boot": {"status": boot.status, "wall_s": round(boot.wall_s, 3), "panic": boot.panic,
                  "warnings": boot.warnings, "tcg_int3": boot.tcg_int3,
@@ -285,8 +308,7 @@ def build_trace(work: Path, output: Path, force: bool = False,
     Separate from the boot so that a run is never lost: ``pkstrace emulate
     --rebuild DIR`` redoes this step from the files the guest left.
     """
-    from pkstrace import schema, tracefile
-    from pkstrace.importers.ftrace_text import parse_text
+    from pkstrace import tracefile
 
     try:
         record = json.loads((work / "run.json").read_text())
@@ -328,6 +350,59 @@ def build_trace(work: Path, output: Path, force: bool = False,
     events = work / "events.txt"
     events_text = events.read_text(errors="replace") if events.exists() else ""
     smeta = stream_meta(events_text)
+    csd_mode = str(opts.get("csd_kprobes", ""))
+    if csd_mode == "both":
+        # One run, both recording paths: the tracepoint path's trace beside FILE, FILE
+        # itself what a kernel before 6.3 gives (same events, same module counters).
+        tp_output = tracepoints_twin(output)
+        fallback_probes = {f"kprobe:{f}" for f in CSD_FALLBACK_EVENTS}
+        all_probes = list(smeta["probes"])
+        smeta["probes"] = [p for p in all_probes if p.get("name") not in fallback_probes]
+        _write_emulated(tp_output, drop_events(events_text, CSD_FALLBACK_EVENTS), smeta,
+                        "", record, opts, sc, bootrec, results, console_text,
+                        [*notes, f"--csd-kprobes both: the same run recorded with kprobes "
+                                  f"is {output.name}"], status, console_out, force, work)
+        log(f"emulate: tracepoint-path trace of the same run: {tp_output}")
+        events_text = drop_events(events_text, CSD_TRACEPOINT_EVENTS)
+        smeta["probes"] = [p for p in all_probes
+                           if not str(p.get("name", "")).startswith(("csd:", "ipi:"))]
+        notes.append(f"--csd-kprobes both: the same run's csd/ipi tracepoints are in "
+                     f"{tp_output.name}")
+    ground_truth = _write_emulated(output, events_text, smeta, csd_mode, record, opts, sc,
+                                   bootrec, results, console_text, notes, status, console_out,
+                                   force, work)
+    return RunResult(output=output, status=status, expected=sc.expect,
+                     console_log=console_out, wall_s=float(record["wall_s"]),
+                     ground_truth=ground_truth, notes=notes)
+
+
+# Event names each recording path adds (what drop_events removes for "both").
+CSD_TRACEPOINT_EVENTS = ("csd_queue_cpu", "csd_function_entry", "csd_function_exit",
+                         "ipi_send_cpu", "ipi_send_cpumask")
+CSD_FALLBACK_EVENTS = ("generic_exec_single", "smp_call_function_many_cond",
+                       "smp_call_function_many")
+
+
+def tracepoints_twin(output: Path) -> Path:
+    """Where --csd-kprobes both writes the tracepoint path's trace: X.tracepoints.pkstrace."""
+    return output.with_name(f"{output.stem}.tracepoints{output.suffix or '.pkstrace'}")
+
+
+def drop_events(text: str, names: tuple[str, ...]) -> str:
+    """The ftrace text without the lines of these events (one regex pass over the text)."""
+    alt = "|".join(re.escape(n) for n in names)
+    return re.sub(rf"^[^\n#][^\n]*? (?:\w+:)?(?:{alt}): [^\n]*(?:\n|$)", "", text, flags=re.M)
+
+
+def _write_emulated(output: Path, events_text: str, smeta: dict[str, Any], csd_mode: str,
+                    record: dict[str, Any], opts: dict[str, Any], sc: Scenario,
+                    bootrec: dict[str, Any], results: dict[str, Any], console_text: str,
+                    notes: list[str], status: str, console_out: Path,
+                    force: bool, work: Path) -> dict[str, Any]:
+    """Parse the guest's event stream and write one emulated trace; its ground truth."""
+    from pkstrace import schema, tracefile
+    from pkstrace.importers.ftrace_text import parse_text
+
     df, stats = parse_text(events_text)
     facts = results.get("facts", {}).get("facts", {})
     counters = results.get("counters", {}).get("counters", {})
@@ -383,7 +458,7 @@ def build_trace(work: Path, output: Path, force: bool = False,
         partial=status not in ("ok", "bug"),
         notes=notes,
     )
+    if csd_mode:
+        meta.command += ["--csd-kprobes", csd_mode]
     tracefile.write_trace(output, schema.Trace(events=df, meta=meta), force=force)
-    return RunResult(output=output, status=status, expected=sc.expect,
-                     console_log=console_out, wall_s=float(record["wall_s"]),
-                     ground_truth=ground_truth, notes=notes)
+    return ground_truth

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pkstrace import schema
+from pkstrace.importers import kprobe_calls
 
 # ---------------------------------------------------------------------------
 # Import statistics
@@ -363,6 +364,9 @@ def kind_of_event(name: str) -> tuple[schema.Kind | None, str]:
     kind = schema.TRACEPOINT_KINDS.get(name)
     if kind is not None:
         return kind, name
+    call_func = kprobe_calls.canonical(name)  # cross-CPU call kprobes (kernels < 6.3)
+    if call_func:
+        return kprobe_calls.KINDS[call_func], call_func
     func = name
     m = _KPROBE_DEFAULT.match(name)
     if m:
@@ -608,6 +612,10 @@ def events_from_fields(h: HeaderFields, stats: ImportStats) -> pd.DataFrame:
             else np.flatnonzero(codes == name_codes[0])
         if kind is None:
             stats.count_unmodeled(name, len(rows))
+            continue
+        if canon in kprobe_calls.KINDS:  # their kind depends on the row (local calls)
+            keep[rows] = kprobe_calls.store(canon, h.args.take(pa.array(rows)), h.cpu[rows],
+                                            rows, cols, str_cols, kind_codes, stats)
             continue
         if kind in _KPROBE_PATTERNS:
             ok = _kprobe_args(kind, name, h.args.take(pa.array(rows)), rows, cols, stats)
