@@ -96,6 +96,8 @@ def store(func: str, args: pa.Array, cpu: np.ndarray, rows: np.ndarray,
         tcpu = np.asarray(pc.cast(pc.if_else(pa.array(has_cpu), tcpu_s, "-1"), pa.int64()))
         csd_s, has_csd = _field(args, "csd")
         csd, csd_ok = int_to_u64(pc.if_else(pa.array(has_csd), csd_s, "0"))
+        # no csd argument is fine (the analysis matches by time), a garbled one is not
+        csd_ok &= has_csd | ~np.asarray(pc.fill_null(pc.match_substring(args, "csd="), False))
         ok = has_cpu & has_fn & csd_ok & (tcpu >= 0) & (tcpu <= np.iinfo(np.int32).max) & ~ret
         local = ok & (tcpu == cpu)
         remote = ok & ~local
