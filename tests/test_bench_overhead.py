@@ -6,6 +6,8 @@ a unit error), and that the tracers detach and the BPF statistics switch back of
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -191,3 +193,76 @@ def test_interrupt_stops_the_tracer(require_root, sig):
     assert "Traceback" not in err
     assert _descendant_cmdlines(proc.pid) == []
     assert STATS_SYSCTL.read_text() == before
+
+
+def test_bpftrace_recursion_misses_are_in_the_results(tiny_run):
+    """bpftrace's lost count is its programs' recursion-guard misses, read from fdinfo."""
+    _, out, _ = tiny_run
+    doc = json.loads(out.read_text())
+    bt = {r["key"]: r for r in doc["tracers"]}["bpftrace"]
+    misses = bt["recursion_misses"]
+    # Linux >= 5.12 counts them (this host: 6.18); one value per run, none unknown.
+    assert len(misses["since_load_runs"]) == len(bt["events_runs"])
+    assert None not in misses["since_load_runs"] and misses["total"] is not None
+    assert bt["lost_runs"] == misses["since_load_runs"]
+    assert bt["lost_total"] == misses["total"]
+    perf = {r["key"]: r for r in doc["tracers"]}["perf"]
+    assert "recursion_misses" not in perf  # perf record runs no BPF program
+
+
+def test_recursion_misses_helper():
+    assert overhead.recursion_misses({}) is None
+    assert overhead.recursion_misses({1: {"run_cnt": 3}}) is None  # kernel before 5.12
+    assert overhead.recursion_misses({1: {"recursion_misses": 2}, 7: {"recursion_misses": 5},
+                                      9: {"run_cnt": 1}}) == 7
+
+
+# Another tool's BPF program running long on every syscall of one busy process on
+# CPU 0: the IPIs the workload sends to CPU 0 meanwhile hit bpftrace's tracepoint
+# programs while that one runs, and the kernel skips them (test_record_live has the
+# same for pkstrace).
+SLOW_BPF = r"""
+TRACEPOINT_PROBE(raw_syscalls, sys_enter)
+{
+    if ((bpf_get_current_pid_tgid() >> 32) != SLOW_PID)
+        return 1;
+    u64 t0 = bpf_ktime_get_ns();
+    for (int i = 0; i < 4000; i++) {
+        if (bpf_ktime_get_ns() - t0 > 100000)
+            break;
+    }
+    return 1;
+}
+"""
+SYSCALL_LOOP = "import os; os.sched_setaffinity(0, {0})\nwhile True: os.getppid()"
+
+
+def test_bpftrace_misses_counted_when_another_bpf_program_runs(require_root, tmp_path):
+    """With a slow foreign BPF program on CPU 0, bpftrace misses runs there; the
+    results say how many, as its lost events (before: always 0)."""
+    if not shutil.which("bpftrace") or not os.path.exists("/dev/cpu/0/cpuid"):
+        pytest.skip("needs bpftrace and /dev/cpu/0/cpuid")
+    try:
+        from bcc import BPF
+    except ImportError:
+        pytest.skip("needs bcc (python3-bpfcc) to load the slow program")
+    busy = subprocess.Popen([sys.executable, "-c", SYSCALL_LOOP])
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            slow = BPF(text=SLOW_BPF, cflags=[f"-DSLOW_PID={busy.pid}"])
+        try:
+            out = tmp_path / "overhead.json"
+            res = _pkstrace("bench", "overhead", "--tracers", "untraced,bpftrace", "--runs", "1",
+                            "--bpf-runs", "0", "--calls", "3000", "--source-cpu", "1",
+                            "--target-cpu", "0", "-o", str(out), "-q")
+        finally:
+            slow.cleanup()
+    finally:
+        busy.kill()
+        busy.wait()
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(out.read_text())
+    bt = {r["key"]: r for r in doc["tracers"]}["bpftrace"]
+    assert bt["recursion_misses"]["total"] > 0, bt["recursion_misses"]
+    assert bt["lost_total"] == bt["recursion_misses"]["total"]
+    assert "rmiss" in res.stdout

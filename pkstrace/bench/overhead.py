@@ -75,9 +75,14 @@ def tracepoints() -> list[str]:
 # BPF program accounting
 # ---------------------------------------------------------------------------
 
-def bpf_prog_stats(pid: int) -> dict[int, tuple[int, int]]:
-    """prog_id -> (run_time_ns, run_cnt) for every BPF program ``pid`` holds open."""
-    out: dict[int, tuple[int, int]] = {}
+FDINFO_COUNTERS = ("run_time_ns", "run_cnt", "recursion_misses")
+
+
+def bpf_prog_fdinfo(pid: int) -> dict[int, dict[str, int]]:
+    """prog_id -> the counters of FDINFO_COUNTERS the kernel shows (``recursion_misses``
+    since Linux 5.12) for every BPF program ``pid`` holds open: what `bpftool prog show
+    --json` prints for them."""
+    out: dict[int, dict[str, int]] = {}
     fd_dir = f"/proc/{pid}/fd"
     try:
         fds = os.listdir(fd_dir)
@@ -92,10 +97,27 @@ def bpf_prog_stats(pid: int) -> dict[int, tuple[int, int]]:
         except OSError:
             continue  # closed meanwhile
         try:
-            out[int(info["prog_id"])] = (int(info["run_time_ns"]), int(info["run_cnt"]))
+            out[int(info["prog_id"])] = {k: int(info[k]) for k in FDINFO_COUNTERS if k in info}
         except (KeyError, ValueError):
             continue
     return out
+
+
+def bpf_prog_stats(pid: int) -> dict[int, tuple[int, int]]:
+    """prog_id -> (run_time_ns, run_cnt) for every BPF program ``pid`` holds open."""
+    return {i: (c["run_time_ns"], c["run_cnt"]) for i, c in bpf_prog_fdinfo(pid).items()
+            if "run_time_ns" in c and "run_cnt" in c}
+
+
+def recursion_misses(counters: dict[int, dict[str, int]]) -> int | None:
+    """Total recursion-guard misses of these programs (None: the kernel does not say).
+
+    A miss is a run the kernel skipped because a BPF program was already running on
+    that CPU: an event the tracer never saw. bpftrace reports none of them itself,
+    so they are its lost events, like for like with pkstrace's (which counts its own
+    under CPU -1)."""
+    vals = [c["recursion_misses"] for c in counters.values() if "recursion_misses" in c]
+    return sum(vals) if vals else None
 
 
 def find_bpf_holder(start_pid: int, stop_pid: int) -> int | None:
@@ -175,18 +197,21 @@ def run_workload(calls: int, source_cpu: int, target_cpu: int,
         for _ in range(min(200, calls)):  # warm caches and the idle target's path
             os.pread(fd, 16, 0)
         holder = find_bpf_holder(os.getppid(), bench_pid)
-        before = bpf_prog_stats(holder) if holder else {}
+        before = bpf_prog_fdinfo(holder) if holder else {}
         pread, clock = os.pread, time.perf_counter_ns
         stamps = np.empty(calls + 1, dtype=np.int64)
         stamps[0] = clock()
         for i in range(1, calls + 1):
             pread(fd, 16, 0)
             stamps[i] = clock()
-        after = bpf_prog_stats(holder) if holder else {}
+        after = bpf_prog_fdinfo(holder) if holder else {}
     finally:
         os.close(fd)
     per_call = np.diff(stamps)
-    ids = sorted(set(before) & set(after))
+    ids = sorted(i for i in set(before) & set(after)
+                 if "run_cnt" in after[i] and "run_cnt" in before[i])
+    misses_after = recursion_misses(after)
+    misses_before = recursion_misses(before)
     return {
         "calls": calls,
         "elapsed_ns": int(stamps[-1] - stamps[0]),
@@ -197,8 +222,15 @@ def run_workload(calls: int, source_cpu: int, target_cpu: int,
         "p90_ns_per_call": float(np.percentile(per_call, 90)),
         "bpf_holder_pid": holder,
         "bpf_progs": len(ids),
-        "bpf_run_time_ns": sum(after[i][0] - before[i][0] for i in ids),
-        "bpf_run_cnt": sum(after[i][1] - before[i][1] for i in ids),
+        "bpf_run_time_ns": sum(after[i]["run_time_ns"] - before[i]["run_time_ns"] for i in ids),
+        "bpf_run_cnt": sum(after[i]["run_cnt"] - before[i]["run_cnt"] for i in ids),
+        # Recursion-guard misses of the tracer's programs: in the timed loop, and
+        # since they were loaded (up to the loop's end: the tracer's whole run but
+        # its last moments, as its own lost count covers).
+        "bpf_recursion_misses": (misses_after - misses_before
+                                 if misses_after is not None and misses_before is not None
+                                 else None),
+        "bpf_recursion_misses_since_load": misses_after,
     }
 
 
@@ -237,6 +269,7 @@ class Tracer:
     uses_bpf: bool = False
     backend: str = ""
     mode: str = ""
+    options: tuple[str, ...] = ()  # more `pkstrace record` options
 
     def unavailable(self) -> str:
         """Why this tracer cannot run here ("" = it can)."""
@@ -265,8 +298,8 @@ class Tracer:
                     "--", *workload]
         if self.kind == "pkstrace":
             return [sys.executable, "-m", "pkstrace", "record", "--backend", self.backend,
-                    "--mode", self.mode, "-o", str(workdir / "trace.pkstrace"), "--force",
-                    "--", *workload]
+                    "--mode", self.mode, *self.options, "-o", str(workdir / "trace.pkstrace"),
+                    "--force", "--", *workload]
         raise ValueError(self.kind)
 
     def outcome(self, stdout: str, workdir: Path) -> RunOutcome:
@@ -302,7 +335,11 @@ def extra_tracers() -> list[Tracer]:
     """References run only when asked for (``--tracers``)."""
     # One counter for everything: what a minimal in-kernel count costs here.
     return [Tracer("bpftrace-unkeyed", "bpftrace count() unkeyed", "bpftrace", uses_bpf=True,
-                   mode="unkeyed")]
+                   mode="unkeyed"),
+            # The events path of kernels before 5.8 (perf rings), on this kernel.
+            Tracer("bcc-events-perfbuf", "pkstrace bcc events perfbuf", "pkstrace",
+                   uses_bpf=True, backend="bcc", mode="events",
+                   options=("--bpf-buffer", "perf"))]
 
 
 def select_tracers(keys: list[str]) -> list[Tracer]:
@@ -371,9 +408,13 @@ def _pkstrace_outcome(path: Path) -> RunOutcome:
         if counted is not None:
             events = counted
     attached = sorted(p["name"] for p in meta.probes if p.get("attached"))
+    bcc = meta.extra.get("bcc", {})
     return RunOutcome(events=events, lost=int(sum(meta.lost_events.values())),
                       detail={"mode": meta.mode, "rows": len(trace.events),
-                              "attached": attached, "partial": meta.partial})
+                              "attached": attached, "partial": meta.partial,
+                              # bcc: its own count, part of `lost` (under CPU -1)
+                              "recursion_misses": sum(bcc.get("recursion_misses", {}).values()),
+                              "bpf_buffer": bcc.get("buffer", "")})
 
 
 def _aggregate_count(aggregates: dict[str, Any]) -> int | None:
@@ -423,6 +464,10 @@ def _run_once(tracer: Tracer, tps: list[str], calls: int, source_cpu: int, targe
             return {"ok": False, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
         run = json.loads(result.read_text())
         outcome = tracer.outcome(stdout, workdir)
+        if tracer.kind == "bpftrace":
+            # bpftrace reports no loss; the runs its programs' recursion guard skipped
+            # are the events it missed (None where the kernel does not count them).
+            outcome.lost = run.get("bpf_recursion_misses_since_load")
         run.update({"ok": True, "tracer_exit": proc.returncode, "wall_s": round(wall, 3),
                     "loadavg_1min": round(load1, 2),
                     "events": outcome.events, "lost": outcome.lost, "detail": outcome.detail})
@@ -565,6 +610,15 @@ def run(tracers: list[Tracer] | None = None, runs: int = 5, bpf_runs: int = 3,
                 slowdown["all_in_ns_per_event_runs"] = [round(x, 1) for x in all_in]
                 slowdown["all_in_ns_per_event"] = _median(all_in)
         row["slowdown"] = slowdown
+        if t.uses_bpf:
+            runs_all = slow_runs[t.name] + srs
+            since_load = [r.get("bpf_recursion_misses_since_load") for r in runs_all]
+            known = [m for m in since_load if m is not None]
+            row["recursion_misses"] = {
+                "in_workload_runs": [r.get("bpf_recursion_misses") for r in runs_all],
+                "since_load_runs": since_load,
+                "total": int(sum(known)) if known else None,
+            }
         if t.kind != "untraced":
             evs = [r["events"] for r in slow_runs[t.name] + srs if r.get("events") is not None]
             lost = [r["lost"] for r in slow_runs[t.name] + srs if r.get("lost") is not None]
@@ -721,6 +775,11 @@ def _fmt(v: float | None, spec: str = "8.1f") -> str:
     return format(v, spec) if v is not None else "       -"
 
 
+def _misses(row: dict[str, Any]) -> str:
+    total = row.get("recursion_misses", {}).get("total")
+    return "-" if total is None else str(total)
+
+
 def format_table(doc: dict[str, Any]) -> str:
     w = doc["workload"]
     lines = [f"workload: {w['description']}",
@@ -729,8 +788,10 @@ def format_table(doc: dict[str, Any]) -> str:
              f"({_fmt(w['event_rate_per_s_untraced'], '.0f')} events/s); medians of "
              f"{doc['runs']} runs (bpf_stats: {doc['bpf_runs']} runs); ns/call = median "
              "call; ns/ev = added per event (median call), all-in = same from the mean call",
+             "lost = the tracer's lost count (bpftrace: its programs' recursion-guard "
+             "misses); rmiss = recursion-guard misses of the BPF programs (in lost)",
              f"{'tracer':<26} {'bpf ns/ev':>9} {'ns/call':>9} {'ratio':>6} {'ns/ev':>8} "
-             f"{'all-in':>8} {'events/s':>9} {'lost':>7}"]
+             f"{'all-in':>8} {'events/s':>9} {'lost':>7} {'rmiss':>6}"]
     for r in doc["tracers"]:
         if not r.get("available"):
             lines.append(f"{r['name']:<26} skipped: {r.get('skip_reason', '')}")
@@ -743,7 +804,8 @@ def format_table(doc: dict[str, Any]) -> str:
             f"{_fmt(s.get('overhead_ns_per_event'), '8.1f')} "
             f"{_fmt(s.get('all_in_ns_per_event'), '8.0f')} "
             f"{_fmt(r.get('event_rate_per_s_p50'), '9.0f')} "
-            f"{r['lost_total'] if r.get('lost_total') is not None else '-':>7}")
+            f"{r['lost_total'] if r.get('lost_total') is not None else '-':>7} "
+            f"{_misses(r):>6}")
         for e in r.get("errors", []):
             lines.append(f"{'':<26} error: {e}")
     lines.append("")
