@@ -34,6 +34,8 @@ examples:
   pkstrace emulate --cpus 4 --scenario v3 --csd-kprobes -o old.pkstrace  # as on Linux < 6.3
   pkstrace emulate --cpus 4 --scenario v3 --csd-kprobes both -o v3k.pkstrace
                                     # + v3k.tracepoints.pkstrace: the same run, csd tracepoints
+  pkstrace emulate --cpus 4 --isolated 3 --scenario v3 --backend bcc -o v3bcc.pkstrace
+  pkstrace emulate --cpus 4 --scenario v3 --backend bcc --func-probes fentry -o f.pkstrace
   pkstrace replay v3.pkstrace --json                        # analyse it again
 """
 
@@ -79,6 +81,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "call-function vectors instead of the csd/ipi tracepoints; 'both' "
                         "records both paths in one run and also writes "
                         "FILE-stem.tracepoints.pkstrace")
+    p.add_argument("--backend", default="tracefs", choices=("tracefs", "bcc"),
+                   help="recorder inside the guest: tracefs (default; stdlib only, ftrace "
+                        "flags, survives a panic) or bcc (the real `pkstrace record "
+                        "--backend bcc`, run from the host's files over 9p; needs "
+                        "python3-bpfcc on this host; slower start)")
+    p.add_argument("--func-probes", default="auto", choices=("auto", "kprobe", "fentry"),
+                   help="with --backend bcc: how write_pkrs / update_global_pkrs are "
+                        "probed (passed to record --func-probes; default auto)")
     p.add_argument("-f", "--force", action="store_true", help="overwrite FILE")
     p.add_argument("-q", "--quiet", action="store_true", help="no replay summary")
 
@@ -116,15 +126,30 @@ def run(args: argparse.Namespace) -> int:
     if not args.output:
         raise InputError("-o FILE is required (or --list)")
     out = Path(args.output)
+    if args.func_probes != "auto" and args.backend != "bcc":
+        raise InputError("--func-probes needs --backend bcc (the tracefs recorder in the "
+                         "guest uses kprobe_events)")
     if args.rebuild:
-        res = scenarios.build_trace(Path(args.rebuild), out, force=args.force, log=_log)
+        from pkstrace.emulate import bcc_run
+
+        build = bcc_run.build_trace if bcc_run.is_bcc_run(Path(args.rebuild)) \
+            else scenarios.build_trace
+        res = build(Path(args.rebuild), out, force=args.force, log=_log)
     else:
         opts = scenarios.RunOptions(
             scenario=args.scenario, cpus=args.cpus, isolated=args.isolated,
             iterations=args.iterations, threads=args.threads, output=out,
             kernel=args.kernel, timeout_s=args.timeout, mem_mb=args.memory, force=args.force,
             csd_kprobes=args.csd_kprobes)
-        res = scenarios.run(opts, log=_log)
+        if args.backend == "bcc":
+            from pkstrace.emulate import bcc_run
+
+            if args.csd_kprobes:
+                raise InputError("--csd-kprobes is for the tracefs recorder (--backend "
+                                 "tracefs)")
+            res = bcc_run.run(opts, func_probes=args.func_probes, log=_log)
+        else:
+            res = scenarios.run(opts, log=_log)
     for line in outcome_lines(res):
         _log(line)
     if not args.quiet:

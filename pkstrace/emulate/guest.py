@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 EVENTS_PORT = "pkstrace.events"  # virtio-serial port names (see qemu.py)
@@ -65,6 +66,26 @@ def host_facts() -> dict[str, Any]:
     }
 
 
+def run_scenario(say: Callable[..., None]) -> None:
+    """Start the module's scenario (it returns when done) and report its counters."""
+    t1 = time.monotonic()
+    try:
+        with open(CONTROL, "w") as f:
+            f.write("run\n")
+        run_error = ""
+    except OSError as e:
+        run_error = f"{CONTROL}: {e.strerror}"
+    t2 = time.monotonic()
+    say("ran", run_s=round(t2 - t1, 6), error=run_error)
+    # Counters first: they are final once the run is over, and tearing the
+    # probes down patches kernel text again (see qemu.TCG_INT3_RE).
+    counters = _read(COUNTERS)
+    try:
+        say("counters", counters=json.loads(counters))
+    except ValueError:
+        say("error", message="unreadable module counters", raw=counters[:2000])
+
+
 def main(argv: list[str]) -> int:
     with open(argv[0]) as f:
         cfg = json.load(f)
@@ -75,6 +96,8 @@ def main(argv: list[str]) -> int:
         results.flush()
 
     say("facts", facts=host_facts())
+    if cfg.get("backend") == "bcc":
+        return main_bcc(cfg, say)
     cmd = [sys.executable, "-m", "pkstrace.backends.tracefs", "--out", port_device(EVENTS_PORT),
            "--events", ",".join(cfg["events"]), "--msr", cfg["msr"],
            "--buffer-kb", str(cfg["buffer_kb"]), "--clock", cfg["clock"],
@@ -93,22 +116,7 @@ def main(argv: list[str]) -> int:
             return 1
         time.sleep(0.05)
     say("recording", attach_s=round(time.monotonic() - t0, 3))
-    t1 = time.monotonic()
-    try:
-        with open(CONTROL, "w") as f:
-            f.write("run\n")
-        run_error = ""
-    except OSError as e:
-        run_error = f"{CONTROL}: {e.strerror}"
-    t2 = time.monotonic()
-    say("ran", run_s=round(t2 - t1, 6), error=run_error)
-    # Counters first: they are final once the run is over, and tearing the
-    # probes down patches kernel text again (see qemu.TCG_INT3_RE).
-    counters = _read(COUNTERS)
-    try:
-        say("counters", counters=json.loads(counters))
-    except ValueError:
-        say("error", message="unreadable module counters", raw=counters[:2000])
+    run_scenario(say)
     time.sleep(cfg.get("settle_s", 0.3))  # the recorder's last read sees the tail
     with open(STOP, "w"):
         pass
@@ -125,6 +133,112 @@ def main(argv: list[str]) -> int:
             rec.wait()
     say("done", recorder_status=rec.returncode)
     results.close()
+    return 0
+
+
+
+# --- the bcc backend: the host's own Python, bcc and pkstrace over 9p -----------------
+#
+# bcc needs clang, LLVM and Python packages far too big for the initramfs, so the
+# guest mounts the host's /usr, /etc, the project tree and the kernel cache read-only
+# over 9p (qemu.Share) at their host paths on a tmpfs root, and runs the project's
+# real `pkstrace record --backend bcc` chrooted there. The trace is written to a
+# writable share of the run directory. bcc finds the GUEST kernel's headers through
+# /lib/modules/<release>/build, a tmpfs over the host's (read-only) /lib/modules that
+# exists only inside the guest.
+HOST_ROOT = "/hostroot"
+NINEP_OPTS = "trans=virtio,version=9p2000.L,msize=512000"
+READY_LINE = "probes attached"  # what `pkstrace record` prints once it records
+
+
+def _sh(*cmd: str) -> None:
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        msg = (p.stderr.strip().splitlines() or [f"status {p.returncode}"])[-1]
+        raise OSError(f"{' '.join(cmd)}: {msg}")
+
+
+def mount_host_root(root: dict[str, Any]) -> None:
+    """Build HOST_ROOT from the 9p shares (see the block comment above)."""
+    for name in root["modules"]:
+        _sh("insmod", f"/lib/modules/extra/{name}.ko")
+    os.makedirs(HOST_ROOT, exist_ok=True)
+    _sh("mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", HOST_ROOT)
+    for name, target in root["links"]:
+        os.symlink(target, HOST_ROOT + name)
+    for tag, path, writable in root["shares"]:
+        at = HOST_ROOT + path
+        os.makedirs(at, exist_ok=True)
+        # cache=loose: the read-only trees do not change during a run, and every
+        # uncached 9p lookup is a round trip through the emulator
+        _sh("mount", "-t", "9p", "-o",
+            NINEP_OPTS + ("" if writable else ",ro,cache=loose"), tag, at)
+    for fstype, at in (("proc", "/proc"), ("sysfs", "/sys"), ("devtmpfs", "/dev"),
+                       ("tmpfs", "/tmp"), ("tracefs", "/sys/kernel/tracing"),
+                       ("debugfs", "/sys/kernel/debug"), ("tmpfs", "/lib/modules")):
+        os.makedirs(HOST_ROOT + at, exist_ok=True)  # on the tmpfs root, or already there
+        _sh("mount", "-t", fstype, fstype, HOST_ROOT + at)
+    release = os.uname().release
+    mods = f"{HOST_ROOT}/lib/modules/{release}"
+    os.makedirs(mods)
+    os.symlink(root["kernel_build"], f"{mods}/build")
+    os.symlink(root["kernel_source"], f"{mods}/source")
+
+
+def main_bcc(cfg: dict[str, Any], say: Callable[..., None]) -> int:
+    """Record with the host's `pkstrace record --backend bcc`, chrooted (see above)."""
+    import signal
+    import threading
+
+    t0 = time.monotonic()
+    try:
+        mount_host_root(cfg["host_root"])
+    except OSError as e:
+        say("error", message=f"host root over 9p: {e}")
+        return 1
+    say("host_root", mount_s=round(time.monotonic() - t0, 3))
+    cmd = ["chroot", HOST_ROOT, "/usr/bin/env", *cfg["recorder_env"], *cfg["recorder"]]
+    t0 = time.monotonic()
+    rec = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, bufsize=1)
+    ready = threading.Event()
+    lines: list[str] = []
+
+    def pump() -> None:  # the recorder's stderr: to the console, and to the host
+        assert rec.stderr is not None
+        for line in rec.stderr:
+            sys.stderr.write("pkstrace-guest: recorder: " + line)
+            if line.startswith("pkstrace record:"):
+                lines.append(line.rstrip("\n"))
+                if READY_LINE in line:
+                    ready.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    while not ready.wait(0.1):
+        if rec.poll() is not None:
+            reader.join(5)
+            say("error", message=f"recorder exited with status {rec.returncode} before "
+                                 f"tracing: {(lines or ['no output'])[-1]}")
+            return 1
+        if time.monotonic() - t0 > cfg["ready_timeout_s"]:
+            rec.kill()
+            say("error", message="recorder not ready in time")
+            return 1
+    say("recording", attach_s=round(time.monotonic() - t0, 3))
+    run_scenario(say)
+    time.sleep(cfg.get("settle_s", 0.3))
+    rec.send_signal(signal.SIGINT)  # as Ctrl-C: detach, write the trace
+    try:
+        rec.wait(timeout=cfg["stop_timeout_s"])
+    except subprocess.TimeoutExpired:
+        say("error", message=f"recorder still running {cfg['stop_timeout_s']} s after "
+                             "SIGINT; killed")
+        rec.kill()
+        rec.wait()
+    reader.join(5)
+    say("recorder", lines=lines)
+    say("done", recorder_status=rec.returncode)
     return 0
 
 

@@ -188,11 +188,30 @@ poweroff -f
 """
 
 
+def module_bytes(path: Path) -> bytes:
+    """A kernel module's bytes, decompressed (busybox insmod takes plain ELF only)."""
+    import lzma
+
+    data = path.read_bytes()
+    if path.suffix == ".xz":
+        try:
+            return lzma.decompress(data)
+        except lzma.LZMAError as e:
+            raise EmulateError(f"{path}: {e}") from None
+    return data
+
+
 def run_archive(dest: Path, module_ko: Path, module_params: str, run_config: dict,
-                log=print) -> Path:
-    """The full initramfs for one run: base + the run's layer, concatenated."""
+                log=print, extra_modules: dict[str, Path] | None = None) -> Path:
+    """The full initramfs for one run: base + the run's layer, concatenated.
+
+    ``extra_modules``: more kernel modules by name, stored as
+    /lib/modules/extra/NAME.ko for the driver to load (in the order given).
+    """
     base = base_archive(log=log)
     c = Cpio()
+    for name, path in (extra_modules or {}).items():
+        c.file(f"lib/modules/extra/{name}.ko", module_bytes(path))
     c.file("init", INIT_SCRIPT.encode(), 0o755)
     c.file("lib/modules/pks_test.ko", module_ko.read_bytes())
     c.file("etc/pks_test.params", module_params.encode() + b"\n")

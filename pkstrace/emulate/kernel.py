@@ -189,3 +189,14 @@ def _find_headers_for(release: str) -> Path | None:
             return cand
     cand = Path("/usr/src") / f"linux-headers-{release}"
     return cand if (cand / "Makefile").exists() else None
+
+
+def module_path(kernel: GuestKernel, relpath: str) -> Path | None:
+    """A module of the kernel's own package, e.g. ``fs/9p/9p``: its .ko or .ko.xz under
+    the unpacked lib/modules/<release>/kernel (None for a bare bzImage or if absent)."""
+    base = kernel.vmlinuz.parent.parent / "lib" / "modules" / kernel.release / "kernel"
+    for suffix in (".ko", ".ko.xz"):
+        p = base / f"{relpath}{suffix}"
+        if p.is_file():
+            return p
+    return None

@@ -24,8 +24,16 @@ def _sources() -> list[Path]:
                   if f.is_file() and (f.suffix in (".c", ".h") or f.name == "Kbuild"))
 
 
-def source_hash(release: str) -> str:
-    h = hashlib.sha256(release.encode())
+def with_btf(kernel: GuestKernel) -> bool:
+    """Whether the module gets BTF (fentry on its functions needs it): pahole (Debian
+    package dwarves) and the headers' vmlinux, which Debian ships there as the BTF base
+    for out-of-tree modules (Kbuild skips module BTF without it)."""
+    return (shutil.which("pahole") is not None and kernel.headers is not None
+            and (kernel.headers / "vmlinux").is_file())
+
+
+def source_hash(release: str, btf: bool = False) -> str:
+    h = hashlib.sha256(release.encode() + (b"\0btf" if btf else b""))
     for f in _sources():
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
@@ -38,7 +46,8 @@ def build_module(kernel: GuestKernel, log=print) -> Path:
                            "be built (use Debian's kernel, or put its linux-headers beside it)")
     if not (MODULE_SRC / f"{MODULE_NAME}.c").exists():
         raise EmulateError(f"{MODULE_SRC}: module sources missing")
-    out = cache_dir() / "modules" / f"{MODULE_NAME}-{source_hash(kernel.release)}.ko"
+    btf = with_btf(kernel)
+    out = cache_dir() / "modules" / f"{MODULE_NAME}-{source_hash(kernel.release, btf)}.ko"
     if out.exists():
         return out
     if shutil.which(COMPILER) is None:
@@ -48,9 +57,10 @@ def build_module(kernel: GuestKernel, log=print) -> Path:
     with tempfile.TemporaryDirectory(prefix="pks_module.") as tmp:
         for f in _sources():
             shutil.copy2(f, tmp)
-        # BTF for modules needs pahole; kprobes do not need BTF, so skip it.
+        # BTF (for fentry on the module's functions) where pahole is installed;
+        # kprobes do not need it, so without pahole the module is built without.
         cmd = ["make", "-C", str(kernel.headers), f"M={tmp}", f"CC={COMPILER}",
-               "CONFIG_DEBUG_INFO_BTF_MODULES=", "modules"]
+               *([] if btf else ["CONFIG_DEBUG_INFO_BTF_MODULES="]), "modules"]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         ko = Path(tmp) / f"{MODULE_NAME}.ko"
         if p.returncode != 0 or not ko.exists():

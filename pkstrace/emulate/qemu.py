@@ -17,6 +17,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,13 +51,31 @@ class BootResult:
     tcg_int3: bool = False
 
 
+@dataclass(frozen=True)
+class Share:
+    """A host directory the guest mounts over 9p (virtio): ``mount -t 9p -o
+    trans=virtio TAG DIR``. Read-only unless ``writable``; QEMU runs as the caller, so
+    the guest can read only what the caller can."""
+
+    tag: str
+    path: Path
+    writable: bool = False
+
+    def qemu_args(self) -> list[str]:
+        ro = "" if self.writable else ",readonly=on"
+        path = str(self.path).replace(",", ",,")  # QEMU option syntax
+        return ["-fsdev", f"local,id={self.tag},path={path},security_model=none"
+                          f"{ro},multidevs=remap",
+                "-device", f"virtio-9p-pci,fsdev={self.tag},mount_tag={self.tag}"]
+
+
 def memory_mb(cpus: int) -> int:
     # per-CPU trace buffers, per-CPU kernel data and the ~40 MB initramfs (twice)
     return max(1024, 640 + 48 * cpus)
 
 
 def command(vmlinuz: Path, initrd: Path, cpus: int, append: str, workdir: Path,
-            mem_mb: int | None = None) -> list[str]:
+            mem_mb: int | None = None, shares: Sequence[Share] = ()) -> list[str]:
     return [
         QEMU, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(cpus),
         "-m", str(mem_mb or memory_mb(cpus)), "-nographic", "-no-reboot",
@@ -67,6 +86,7 @@ def command(vmlinuz: Path, initrd: Path, cpus: int, append: str, workdir: Path,
         "-chardev", f"file,id=results,path={workdir / 'results.jsonl'}",
         "-device", "virtserialport,chardev=results,name=pkstrace.results",
         "-nic", "none",
+        *(a for share in shares for a in share.qemu_args()),
     ]
 
 
@@ -90,13 +110,13 @@ def _term_raises():  # noqa: ANN202 - returns the previous handler or None
 
 
 def boot(vmlinuz: Path, initrd: Path, cpus: int, append: str, workdir: Path,
-         timeout_s: float, mem_mb: int | None = None) -> BootResult:
+         timeout_s: float, mem_mb: int | None = None, shares: Sequence[Share] = ()) -> BootResult:
     if shutil.which(QEMU) is None:
         raise EmulateError(f"{QEMU} not found (Debian package qemu-system-x86: run `make setup`)")
     workdir.mkdir(parents=True, exist_ok=True)
     for name in ("events.txt", "results.jsonl", "console.log"):
         (workdir / name).unlink(missing_ok=True)
-    cmd = command(vmlinuz, initrd, cpus, append, workdir, mem_mb)
+    cmd = command(vmlinuz, initrd, cpus, append, workdir, mem_mb, shares)
     console = workdir / "console.log"
     t0 = time.monotonic()
     status = "error"
