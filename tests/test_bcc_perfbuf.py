@@ -44,13 +44,13 @@ def need_perf_buffer() -> None:
         pytest.skip("needs /dev/cpu/0/cpuid (CONFIG_X86_CPUID)")
 
 
-def perf_backend(**kw):  # noqa: ANN003, ANN201 - a BccBackend on the perf buffer
+def perf_backend(buffer: str = "perf", **kw):  # noqa: ANN003, ANN201 - a BccBackend
     from pkstrace.backends.base import RecordOptions, plan_probes
     from pkstrace.backends.bcc import BccBackend
     from pkstrace.backends.symbols import function_names
 
     specs, _ = plan_probes(RecordOptions(), function_names(), False, False)
-    return BccBackend(specs, bpf_buffer="perf", **kw)
+    return BccBackend(specs, bpf_buffer=buffer, **kw)
 
 
 def workload_rows(trace, wpid: int) -> pd.DataFrame:  # noqa: ANN001
@@ -105,6 +105,34 @@ def test_perf_buffer_records_the_workload_and_agrees_with_the_ring(tmp_path: Pat
         assert meta.lost_events[int(cpu)] == pb["lost"][cpu], (meta.lost_events, pb)
     # The rows the trace holds are all the samples that arrived.
     assert len(traces["perf"][0].events) == sum(pb["arrived"].values())
+
+
+def test_perf_buffer_sees_what_an_idle_cpu_does() -> None:
+    """This host's perf rings get no tracepoint sample hit in an interrupt on an idle
+    CPU (test_perf_reports_what_an_idle_cpu_never_sampled); bpf_perf_event_output()
+    writes the ring another way. Calls 1 ms apart, so CPU 1 idles between them,
+    recorded by the perf-buffer and the ring path at once: the same csd entries on
+    CPU 1, and every output the kernel accepted there arrived."""
+    need_perf_buffer()
+    from pkstrace import workload
+
+    perf_buf = perf_backend()
+    ring = perf_backend("ring")  # the same program on the BPF ring buffer
+    entries = {}
+    with perf_buf, ring:
+        perf_buf.attach()
+        ring.attach()
+        workload.cross_cpu_calls(N, target_cpu=1, source_cpu=0, gap_s=0.001)
+        for name, b in (("perf", perf_buf), ("ring", ring)):
+            b.stop()
+            ev = b.drain()
+            lost = b.lost_events()
+            assert sum(v for c, v in lost.items() if c >= 0) == 0, (name, lost)
+            entries[name] = int(((ev["kind"] == "csd_entry") & (ev["cpu"] == 1)
+                                 & (ev["func"] == CALLED_FUNC)).sum())
+        pb = perf_buf.extra()["perf_buffer"]
+    assert entries["perf"] == entries["ring"] >= N - N // 100, entries
+    assert pb["sent"]["1"] == pb["arrived"]["1"] and pb["never_arrived"] == {}, pb
 
 
 def test_perf_buffer_counts_lost_events_per_cpu_under_a_flood() -> None:

@@ -411,6 +411,7 @@ class BccBackend(Backend):
         self._aggregates: dict[str, Any] = {}
         self._notes: list[str] = []
         self._kprobes: list[str] = []
+        self._fentry: list[Any] = []  # fentry.FentryLink, one per attached function
         self._stopped = False
         self.misses: dict[str, int] = {}
         self._misses_at_start: dict[str, int] = {}
@@ -456,7 +457,46 @@ class BccBackend(Backend):
             flags.append("-DWITH_SCHED")
         if any(p.kind == "kprobe" for p in self.probes):
             flags.append("-DWITH_KPROBES")
+        progs = self._fentry_progs()
+        if progs:
+            flags += ["-DWITH_FENTRY", "-DFENTRY_PROGS=" + " ".join(m for _, _, m in progs)]
         return flags
+
+    def _fentry_progs(self) -> list[tuple[ProbeSpec, str, str]]:
+        """(spec, program name, FENTRY_* macro call) for each fentry probe."""
+        out, n = [], {"wpkrs": 0, "global": 0}
+        for p in self.probes:
+            if p.kind != "fentry":
+                continue
+            what = "wpkrs" if p.fetchargs == WRITE_PKRS_ARGS else "global"
+            i = n[what]
+            n[what] += 1
+            out.append((p, f"fentry_{what}_{i}", f"FENTRY_{what.upper()}({i})"))
+        return out
+
+    def _attach_fentry(self) -> list[ProbeResult]:
+        """Load and attach the fentry programs (backends/fentry.py: bcc 0.26 cannot
+        target a module's function)."""
+        from bcc import lib
+
+        from pkstrace.backends import fentry
+
+        results = []
+        module = self.bpf.module
+        lic = lib.bpf_module_license(module) or b"GPL"
+        for p, prog, _ in self._fentry_progs():
+            start = lib.bpf_function_start(module, prog.encode())
+            size = lib.bpf_function_size(module, prog.encode())
+            try:
+                if not start:
+                    raise fentry.FentryError(f"{prog} not in the compiled program")
+                link = fentry.load_and_attach(start, size, lic, prog, p.symbol)
+                self._fentry.append(link)
+                results.append(ProbeResult(p.name, p.required, True,
+                                           f"BPF fentry ({link.btf} BTF)"))
+            except fentry.FentryError as e:
+                results.append(ProbeResult(p.name, p.required, False, str(e)))
+        return results
 
     def attach(self) -> list[ProbeResult]:
         from bcc import BPF
@@ -502,6 +542,7 @@ class BccBackend(Backend):
             except Exception as e:  # noqa: BLE001
                 results.append(ProbeResult(p.name, p.required, False,
                                            f"kprobe refused: {_one_line(e)}"))
+        results += self._attach_fentry()
         if self.want_events and self.buffer == "perf":
             self._open_perf_rings()
         elif self.want_events:
@@ -582,6 +623,10 @@ class BccBackend(Backend):
                     unarrived[cpu] = gone
                     n += gone
             lost[cpu] = n
+        for cpu, n in self._perf_failed.items():
+            # A CPU without a ring of ours (it came online after attach): every
+            # output there failed.
+            lost.setdefault(cpu, n)
         return lost, unarrived
 
     def _switch(self, on: bool) -> None:
@@ -589,14 +634,16 @@ class BccBackend(Backend):
 
     def _prog_fdinfo(self) -> dict[str, dict[str, int]]:
         """Each loaded program's /proc/self/fdinfo counters, by function name."""
+        fds = {name.decode() if isinstance(name, bytes) else name: getattr(fn, "fd", -1)
+               for name, fn in (getattr(self.bpf, "funcs", None) or {}).items()}
+        fds.update({link.prog_name: link.prog_fd for link in self._fentry})  # fentry.py's
         out: dict[str, dict[str, int]] = {}
-        for name, fn in (getattr(self.bpf, "funcs", None) or {}).items():
+        for key, fd in fds.items():
             try:
-                with open(f"/proc/self/fdinfo/{fn.fd}") as f:
+                with open(f"/proc/self/fdinfo/{fd}") as f:
                     info = dict(line.split(":", 1) for line in f if ":" in line)
-            except (OSError, AttributeError):
+            except OSError:
                 continue
-            key = name.decode() if isinstance(name, bytes) else name
             out[key] = {k: int(v) for k, v in info.items()
                         if k in ("prog_id", "recursion_misses") and v.strip().isdigit()}
         return out
@@ -655,6 +702,9 @@ class BccBackend(Backend):
             except Exception as e:  # noqa: BLE001
                 self._notes.append(f"detach kprobe {sym}: {_one_line(e)}")
         self._kprobes = []
+        for link in self._fentry:
+            link.close()  # closing the link fd detaches the trampoline program
+        self._fentry = []
 
     def _read_rings(self) -> None:
         """Take every committed record, and move the watermark up to which no CPU can
