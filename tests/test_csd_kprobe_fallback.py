@@ -188,6 +188,17 @@ def test_importer_maps_guest_kprobe_lines_like_the_tracepoints() -> None:
     assert remote["callsite"].astype(str).str.match(r"^\w+\+0x[0-9a-f]+$").all()
 
 
+def test_guest_recorder_removed_its_kprobes() -> None:
+    """The guest's tracefs recorder attached the fallback kprobes and its detach removed
+    them (and its instance) without a problem: the stream's last line says so."""
+    from pkstrace.emulate.scenarios import stream_meta
+
+    m = stream_meta(RAW.read_text())
+    attached = {p["name"] for p in m["probes"] if p["attached"]}
+    assert {"kprobe:generic_exec_single", "kprobe:smp_call_function_many_cond"} <= attached
+    assert m["end"] == {"reason": "stop-file", "cleanup_problems": []}
+
+
 def test_importer_accepts_default_kprobe_event_names() -> None:
     from pkstrace.importers.kprobe_calls import canonical
 
@@ -310,6 +321,28 @@ def test_queue_without_a_vector_entry_stays_unmatched() -> None:
     assert (s["remote"], s["unmatched_queue"], s["unmatched_entry"]) == (0, 2, 2)
 
 
+def _idle_exit(ts: int, cpu: int) -> dict:
+    return dict(ts=ts, cpu=cpu, pid=0, comm="swapper", kind="sched_switch", next_pid=42,
+                next_comm="t", prev_state="R")
+
+
+def test_idle_cpu_running_its_queue_before_the_vector() -> None:
+    """Seen in the guest: the idle target ran the call on its way out of idle (the csd
+    tracepoints show the entry outside any interrupt); the vector came later, empty."""
+    rows = [_q(1000, 0, 1), _idle_exit(1500, 1), _vec(9000, 1), _vec(9100, 1, "callfunc_exit")]
+    f = analyse(_trace(rows))
+    c = f.calls
+    assert c["entry_ns"].tolist() == [1500] and c["latency_ns"].tolist() == [500.0]
+    assert c["handler_ns"].isna().all()  # not visible without csd tracepoints
+    assert f.cross_cpu_summary["unmatched_entry"] == 1  # the empty vector
+    # a cpumask send is queued later than its kprobe fires: no idle rule there
+    rows = [dict(ts=1000, cpu=0, pid=10, comm="w", kind="ipi_send", cpumask="0-1", func="h",
+                 callsite="on_each_cpu_cond_mask+0x24"), _idle_exit(1500, 1), _vec(3000, 1)]
+    tr = _trace(rows)
+    tr.meta.probes[0]["name"] = "kprobe:smp_call_function_many_cond"
+    assert analyse(tr).calls["entry_ns"].tolist() == [3000]
+
+
 def test_mask_send_is_one_call_per_other_cpu() -> None:
     rows = [dict(ts=1000, cpu=0, pid=10, comm="w", kind="ipi_send", cpumask="0-2", func="h",
                  callsite="on_each_cpu_cond_mask+0x24"),
@@ -354,3 +387,8 @@ def test_boot_with_csd_kprobes_both_paths_match_the_module(tmp_path: Path) -> No
     assert ct.groupby("target_cpu").size().to_dict() == per_cpu
     lat = ck["latency_ns"].to_numpy()
     assert (lat > 0).all() and (lat < 10 * MS).all(), lat
+    # the recorder in the guest removed its kprobe events and instance cleanly
+    from pkstrace.emulate.scenarios import stream_meta
+
+    raw = Path(tk.meta.scenario["run_dir"]) / "events.txt"
+    assert stream_meta(raw.read_text(errors="replace"))["end"]["cleanup_problems"] == []

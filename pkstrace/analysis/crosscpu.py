@@ -26,12 +26,16 @@ ipi_send with a cpumask) and records the call-function vector tracepoints
 (callfunc_entry / exit) instead (importers/kprobe_calls.py). Such a trace has no
 csd tokens on the entry side, so :func:`cross_cpu_by_time` matches each remote
 queue, and each CPU of a cpumask send, to the first call-function vector entry on
-the target CPU after it (``pd.merge_asof`` by target CPU, forward). Several calls
+the target CPU after it (``pd.merge_asof`` by target CPU, forward), or to the
+target's switch away from the idle task where that comes first (an idle CPU runs
+pending calls before it leaves idle; the late vector then has nothing to do: seen
+on the emulated host, and the csd tracepoints of the same run agree). Several calls
 queued to one CPU before its interrupt runs share that entry, as they share the
 IPI. A queue with no entry within ``VECTOR_MATCH_MAX_NS`` stays unmatched, and a
 vector entry no queue claims is an ``unmatched_entry`` (remote wake-ups queued by
 the scheduler, which do not pass through generic_exec_single, land there).
-Handler time is then the whole vector handler (every call it ran).
+Handler time is then the whole vector handler (every call it ran), and an
+episode's end is its last call's vector entry (see ``done_ns`` below).
 
 Latency = entry - queue (delivery); handler = exit - entry. ``target_idle``: the
 target CPU ran the idle task (pid 0) at queue time, by the last sched_switch on it;
@@ -285,6 +289,7 @@ def cross_cpu_by_time(p: Prepared) -> CrossCpu:
     q_tgt = np.concatenate([tcpu_all[q1].astype(np.int64), m_tgt]).astype(np.int64)
     order = np.argsort(q_rows, kind="stable")  # rows are time order
     q_rows, q_tgt = q_rows[order], q_tgt[order]
+    q_single = np.r_[np.ones(len(q1), bool), np.zeros(len(m_rows), bool)][order]
     ent = p.rows(schema.Kind.CALLFUNC_ENTRY).astype(np.int64)
     ext = p.rows(schema.Kind.CALLFUNC_EXIT).astype(np.int64)
     # queue -> first vector entry on the target CPU after it (rows break equal times)
@@ -293,6 +298,24 @@ def cross_cpu_by_time(p: Prepared) -> CrossCpu:
         pd.DataFrame({"row": ent, "cpu": cpu_all[ent].astype(np.int64), "entry_row": ent}),
         on="row", by="cpu", direction="forward", allow_exact_matches=False)
     e_row = hit["entry_row"].fillna(-1).to_numpy().astype(np.int64)
+    # An idle CPU runs its pending calls itself before it leaves idle (do_idle():
+    # flush_smp_call_function_queue() before schedule_idle()), and the vector that
+    # arrives later finds nothing to do: where the target switches away from the idle
+    # task before its next vector entry, the call ran by then.
+    ss = p.rows(schema.Kind.SCHED_SWITCH)
+    idle_out = ss[pid_all[ss] == 0].astype(np.int64)  # sched_switch's pid: the prev task
+    out = pd.merge_asof(
+        pd.DataFrame({"row": q_rows, "cpu": q_tgt}),
+        pd.DataFrame({"row": idle_out, "cpu": cpu_all[idle_out].astype(np.int64),
+                      "out_row": idle_out}),
+        on="row", by="cpu", direction="forward", allow_exact_matches=False)
+    o_row = out["out_row"].fillna(-1).to_numpy().astype(np.int64)
+    # Only for generic_exec_single, which queues within microseconds of its kprobe:
+    # smp_call_function_many_cond's kprobe fires at its entry, and it may queue
+    # hundreds of microseconds later (seen on the emulated host), so an idle exit
+    # between the two says nothing about the call.
+    by_idle = (o_row >= 0) & ((e_row < 0) | (o_row < e_row)) & q_single
+    e_row = np.where(by_idle, o_row, e_row)
     found = e_row >= 0
     lat = np.where(found, ts_all[np.maximum(e_row, 0)] - ts_all[q_rows], -1)
     found &= lat <= VECTOR_MATCH_MAX_NS
@@ -310,7 +333,7 @@ def cross_cpu_by_time(p: Prepared) -> CrossCpu:
     exit_of_entry = np.where(nxt["is_exit"].fillna(False).to_numpy(dtype=bool),
                              nxt["next_row"].fillna(-1).to_numpy(), -1).astype(np.int64)
     pos = np.searchsorted(ent, np.maximum(e_row, 0))
-    x_row = np.where(found, exit_of_entry[np.minimum(pos, max(len(ent) - 1, 0))]
+    x_row = np.where(found & ~by_idle, exit_of_entry[np.minimum(pos, max(len(ent) - 1, 0))]
                      if len(ent) else -1, -1)
     entry_ns = np.where(found, ts_all[np.maximum(e_row, 0)], -1)
     exit_ns = np.where(x_row >= 0, ts_all[np.maximum(x_row, 0)], -1)
@@ -326,7 +349,11 @@ def cross_cpu_by_time(p: Prepared) -> CrossCpu:
         "depth": p.col("preempt_depth")[q_rows].astype(np.int32),
         "entry_row": e_row, "exit_row": x_row,
         "entry_ns": entry_ns, "exit_ns": exit_ns,
-        "done_ns": np.where(x_row >= 0, exit_ns, np.where(found, entry_ns, q_ts)),
+        # When the caller may go on is not visible here: it waits for the csd's
+        # unlock, somewhere between the vector's entry and exit. The entry is the
+        # bound that keeps a serial walk serial (the exit often comes after the next
+        # queue); +1 ns keeps a cpumask send's queues (one timestamp) overlapping.
+        "done_ns": np.where(found, np.maximum(entry_ns, q_ts + 1), q_ts),
     }, copy=False)
 
     # calls: matched remote queues, then local calls (csd_entry with no csd, as the
@@ -343,7 +370,6 @@ def cross_cpu_by_time(p: Prepared) -> CrossCpu:
     c_entry_ns = ts_all[c_entry] if len(c_entry) else np.zeros(0, np.int64)
     c_queue_ns = np.where(is_remote, ts_all[src_rows] if len(src_rows) else 0, -1)
     c_exit_ns = np.where(c_exit >= 0, ts_all[np.maximum(c_exit, 0)] if len(c_exit) else 0, -1)
-    ss = p.rows(schema.Kind.SCHED_SWITCH)
     last_ss = asof_prev(target, src_rows, cpu_all[ss], ss, p.n)
     idle_by_ss = p.col("next_pid")[ss[np.maximum(last_ss, 0)]] == 0 if len(ss) else \
         np.zeros(len(src_rows), dtype=bool)
@@ -375,7 +401,7 @@ def cross_cpu_by_time(p: Prepared) -> CrossCpu:
 
     claimed = np.zeros(len(ent), bool)
     if len(ent) and n_r:
-        claimed[np.searchsorted(ent, e_row[mq])] = True
+        claimed[np.searchsorted(ent, e_row[mq][~by_idle[mq]])] = True
     orow = ent[~claimed]
     orphan_entries = pd.DataFrame({
         "row": orow, "ts": ts_all[orow], "cpu": cpu_all[orow].astype(np.int64),
