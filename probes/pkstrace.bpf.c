@@ -2,7 +2,8 @@
 //
 // Tracepoints only (tracepoint argument structs come from the format files, so
 // any kernel headers bcc accepts will do), plus kprobes on write_pkrs and the
-// global-update functions where the kernel has kprobes (WITH_KPROBES).
+// global-update functions where the kernel has kprobes (WITH_KPROBES), or fentry
+// programs on them (WITH_FENTRY, FENTRY_PROGS: see the end of this file).
 //
 // Modes (both may be on in one program):
 //   WANT_EVENTS  every event into this CPU's BPF ring buffer (`rings`); a failed
@@ -33,6 +34,12 @@
 //     Python side maps pid -> comm from them), and no wake-up per record
 //     (BPF_RB_NO_WAKEUP: the reader polls on a timer; a wake-up is an irq_work
 //     self-IPI, itself an x2APIC ICR write = another msr:write_msr event here).
+//   - the perf-buffer path (PERF_BUFFER) costs about twice the ring's in the
+//     kernel: 395-434 ns/event against 181-202 (bpf_stats, 3 runs each, load 4.5-7.7,
+//     `pkstrace bench overhead --tracers untraced,bpftrace,bcc-events,bcc-events-perfbuf
+//     --runs 3 --bpf-runs 3 --calls 20000`); bpf_perf_event_output() prepares a perf
+//     sample and copies the record, where the ring reserves in place. Its perf
+//     events wake the reader only past half a ring (watermark), for the same reason.
 //
 // Every probe returns 1: a BPF program attached to a tracepoint through perf
 // that returns 0 makes the kernel skip that tracepoint's perf events for
@@ -505,9 +512,9 @@ TRACEPOINT_PROBE(sched, sched_switch)
 }
 #endif
 
-#ifdef WITH_KPROBES
-// write_pkrs(u32 new)
-int kprobe_write_pkrs(struct pt_regs *ctx)
+#if defined(WITH_KPROBES) || defined(WITH_FENTRY)
+// write_pkrs(u32 new): one body for the kprobe and the fentry program.
+static __always_inline int on_write_pkrs(void *ctx, u32 new)
 {
     if (!KEEP_CPU())
         return 1;
@@ -516,13 +523,13 @@ int kprobe_write_pkrs(struct pt_regs *ctx)
     struct event_t *e = new_event(KIND_WRITE_PKRS);
     if (!e)
         return 1;
-    put_generic(ctx, e, (u32)PT_REGS_PARM1(ctx), 0, 0, -1);
+    put_generic(ctx, e, new, 0, 0, -1);
 #endif
     return 1;
 }
 
 // update_global_pkrs(int pkey, unsigned long prot) and friends
-int kprobe_global_update(struct pt_regs *ctx)
+static __always_inline int on_global_update(void *ctx, s32 pkey, u64 prot)
 {
     if (!KEEP_CPU())
         return 1;
@@ -531,8 +538,35 @@ int kprobe_global_update(struct pt_regs *ctx)
     struct event_t *e = new_event(KIND_GLOBAL_UPDATE);
     if (!e)
         return 1;
-    put_generic(ctx, e, 0, PT_REGS_PARM2(ctx), 0, (s32)PT_REGS_PARM1(ctx));
+    put_generic(ctx, e, 0, prot, 0, pkey);
 #endif
     return 1;
 }
+#endif
+
+#ifdef WITH_KPROBES
+int kprobe_write_pkrs(struct pt_regs *ctx)
+{
+    return on_write_pkrs(ctx, (u32)PT_REGS_PARM1(ctx));
+}
+
+int kprobe_global_update(struct pt_regs *ctx)
+{
+    return on_global_update(ctx, (s32)PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx));
+}
+#endif
+
+#ifdef WITH_FENTRY
+// fentry (BPF trampoline) twins of the kprobes, for kernels with BTF where kprobes
+// are off. FENTRY_PROGS (from the Python side) instantiates one program per probed
+// function: FENTRY_WPKRS(0) FENTRY_GLOBAL(0) FENTRY_GLOBAL(1) ...; bcc.py loads
+// each against its function's BTF id itself (bcc 0.26's KFUNC_PROBE finds targets
+// in vmlinux BTF only, and write_pkrs may live in a module). BPF_PROG (bcc's
+// helpers) types the arguments from the trampoline's u64 array.
+#define FENTRY_WPKRS(n) \
+    BPF_PROG(fentry_wpkrs_##n, u32 new) { return on_write_pkrs(ctx, new); }
+#define FENTRY_GLOBAL(n) \
+    BPF_PROG(fentry_global_##n, int pkey, unsigned long prot) \
+    { return on_global_update(ctx, pkey, prot); }
+FENTRY_PROGS
 #endif
