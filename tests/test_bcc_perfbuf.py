@@ -281,3 +281,29 @@ def test_bpf_buffer_option_is_refused_where_it_means_nothing(tmp_path: Path) -> 
         "pkstrace record: error: --bpf-buffer perf: only for --backend bcc in --mode events "
         "(this is tracefs, --mode events)"], p.stderr
     assert not (tmp_path / "x.pkstrace").exists()
+
+
+def test_buffer_choice_follows_the_kernel_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: the ring from 5.8 (BPF_MAP_TYPE_RINGBUF), perf rings before; asking for
+    the ring on an older kernel is a one-line KernelFeatureError before anything loads."""
+    import platform
+
+    from pkstrace.backends import bcc
+    from pkstrace.errors import KernelFeatureError
+
+    monkeypatch.setattr(platform, "release", lambda: "5.4.0-150-generic")
+    assert bcc.choose_buffer("auto") == (
+        "perf", "auto: perf buffer (Linux 5.4.0-150-generic < 5.8 has no BPF ring buffer)")
+    assert bcc.choose_buffer("perf")[0] == "perf"
+    with pytest.raises(ValueError, match="bad BPF buffer"):
+        bcc.choose_buffer("rings")
+    backend = bcc.BccBackend([], bpf_buffer="ring")
+    try:
+        import bcc as _  # noqa: F401 - attach imports it first
+    except ImportError:
+        pytest.skip("needs bcc (python3-bpfcc) importable to reach the kernel check")
+    with pytest.raises(KernelFeatureError, match=r"needs Linux >= 5\.8, this is 5\.4\.0"):
+        backend.attach()
+    assert backend.bpf is None  # nothing was loaded
+    monkeypatch.setattr(platform, "release", lambda: "5.8.0")
+    assert bcc.choose_buffer("auto")[0] == "ring"
