@@ -385,8 +385,16 @@ def test_boot_with_csd_kprobes_both_paths_match_the_module(tmp_path: Path) -> No
                for r in tk.meta.ground_truth["per_cpu"] if int(r["remote_calls_in"])}
     assert ck.groupby("target_cpu").size().to_dict() == per_cpu
     assert ct.groupby("target_cpu").size().to_dict() == per_cpu
-    lat = ck["latency_ns"].to_numpy()
-    assert (lat > 0).all() and (lat < 10 * MS).all(), lat
+    # each call's delivery latency: above 0, below 10 ms, and what the csd tracepoints
+    # of the same run measured. TCG sometimes delivers an IPI late (14.7 ms once in
+    # 9 boots, on both paths alike): such a call may exceed 10 ms if the tracepoints
+    # say so too.
+    lat_k = ck.sort_values(["queue_ns", "target_cpu"])["latency_ns"].to_numpy()
+    lat_t = ct.sort_values(["queue_ns", "target_cpu"])["latency_ns"].to_numpy()
+    assert (lat_k > 0).all(), lat_k
+    assert (np.abs(lat_k - lat_t) < 0.5 * MS).all(), (lat_k, lat_t)
+    slow = lat_t >= 10 * MS
+    assert (lat_k[~slow] < 10 * MS).all() and slow.sum() <= 1, (lat_k, lat_t)
     # the recorder in the guest removed its kprobe events and instance cleanly
     from pkstrace.emulate.scenarios import stream_meta
 
