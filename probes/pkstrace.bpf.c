@@ -562,11 +562,12 @@ int kprobe_global_update(struct pt_regs *ctx)
 // function: FENTRY_WPKRS(0) FENTRY_GLOBAL(0) FENTRY_GLOBAL(1) ...; bcc.py loads
 // each against its function's BTF id itself (bcc 0.26's KFUNC_PROBE finds targets
 // in vmlinux BTF only, and write_pkrs may live in a module). BPF_PROG (bcc's
-// helpers) types the arguments from the trampoline's u64 array.
+// helpers) types the arguments from the trampoline's u64 array. Unlike the other
+// probes they return 0: the verifier allows nothing else from an fentry program.
 #define FENTRY_WPKRS(n) \
-    BPF_PROG(fentry_wpkrs_##n, u32 new) { return on_write_pkrs(ctx, new); }
+    BPF_PROG(fentry_wpkrs_##n, u32 new) { on_write_pkrs(ctx, new); return 0; }
 #define FENTRY_GLOBAL(n) \
     BPF_PROG(fentry_global_##n, int pkey, unsigned long prot) \
-    { return on_global_update(ctx, pkey, prot); }
+    { on_global_update(ctx, pkey, prot); return 0; }
 FENTRY_PROGS
 #endif

@@ -44,7 +44,8 @@ class ProbeSpec:
 
     ``kind`` is "tracepoint" (``name`` = "system:event") or "kprobe"
     (``name`` = "kprobe:<symbol>", ``event`` = the event name the importer maps to a
-    schema kind: "write_pkrs" or "update_global_pkrs").
+    schema kind: "write_pkrs" or "update_global_pkrs"), or "fentry" (the same
+    functions through a BPF trampoline, ``name`` = "fentry:<symbol>"; bcc only).
     """
 
     name: str
@@ -139,11 +140,14 @@ class RecordOptions:
     # ipi tracepoints, as on a kernel before 6.3 (done anyway where the kernel lacks
     # csd:csd_queue_cpu). For testing the fallback and comparing the two paths.
     csd_kprobes: bool = False
+    # write_pkrs / global-update functions: "kprobe", "fentry" (BPF trampoline, bcc
+    # only), or "auto" (kprobes where the kernel has them, else fentry if allowed)
+    func_probes: str = "auto"
 
 
 def plan_probes(opts: RecordOptions, kernel_symbols: set[str] | None, kprobes_available: bool,
                 have_pks: bool, backend: str = "", csd_tracepoints: bool | None = None,
-                kernel_release: str | None = None,
+                kernel_release: str | None = None, fentry_available: bool = False,
                 ) -> tuple[list[ProbeSpec], list[ProbeResult]]:
     """The probes to attach, and the ones known absent up front (with the reason).
 
@@ -188,7 +192,16 @@ def plan_probes(opts: RecordOptions, kernel_symbols: set[str] | None, kprobes_av
             absent.append(ProbeResult(name, required, False,
                                       "absent: the kernel has no such function"))
             continue
-        if not kprobes_available:
+        # fentry_available: the backend can load fentry programs here (bcc, with
+        # checks.fentry_allowed()); kprobes win under "auto" where both work.
+        fentry = opts.func_probes == "fentry" or (
+            opts.func_probes == "auto" and not kprobes_available and fentry_available)
+        if fentry and not fentry_available:
+            absent.append(ProbeResult(f"fentry:{func}", required, False,
+                                      "--func-probes fentry: fentry is not allowed here "
+                                      "or not with this backend (bcc only)"))
+            continue
+        if not fentry and not kprobes_available:
             absent.append(ProbeResult(name, required, False,
                                       "kernel has the function but no kprobes "
                                       "(CONFIG_KPROBES off) and fentry is not allowed"))
@@ -202,8 +215,9 @@ def plan_probes(opts: RecordOptions, kernel_symbols: set[str] | None, kprobes_av
             ev_name = f"p_{event}_{n}"
             n += 1
         used_events.add(ev_name)
-        specs.append(ProbeSpec(name=name, kind="kprobe", required=required, event=ev_name,
-                               symbol=func, fetchargs=args))
+        specs.append(ProbeSpec(name=f"fentry:{func}" if fentry else name,
+                               kind="fentry" if fentry else "kprobe", required=required,
+                               event=ev_name, symbol=func, fetchargs=args))
     if csd_tracepoints is None:
         csd_tracepoints = has_csd_tracepoints()
     if opts.csd_kprobes or csd_tracepoints is False:

@@ -36,6 +36,7 @@ examples:
   sudo pkstrace record --msr 0x6e1,0x830 -d 5 # keep only these MSRs' writes
   sudo pkstrace record --cpus 0-3 --isolated 2-3 -d 5   # events on CPUs 0-3; treat 2-3 as isolated
   sudo pkstrace record --symbols my_update_pkrs -d 5    # also probe this global-update function
+  sudo pkstrace record --backend bcc --func-probes fentry -d 5   # write_pkrs via fentry (BTF)
   sudo pkstrace record --backend tracefs --csd-kprobes -d 5  # calls as kernels < 6.3 record them
 """
 
@@ -65,6 +66,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--symbols", default="", metavar="LIST",
                    help="more global-update functions to probe (comma-separated; "
                    "prefix write: for write_pkrs-like ones)")
+    p.add_argument("--func-probes", default="auto", choices=("auto", "kprobe", "fentry"),
+                   help="how write_pkrs and the global-update functions are probed: "
+                   "kprobe, fentry (BPF trampoline, bcc only, needs BTF: a module's "
+                   "function needs the module's BTF), or auto (default: kprobes where the "
+                   "kernel has them, else fentry where it is allowed)")
     p.add_argument("--no-sched", action="store_true", help="do not record sched:sched_switch")
     p.add_argument("--csd-kprobes", action="store_true",
                    help="record cross-CPU calls with kprobes on generic_exec_single / "
@@ -145,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
     opts = RecordOptions(msrs=_msrs(args.msr), read_msr=args.read_msr, cpus=cpus,
                          symbols=[s.strip() for s in args.symbols.split(",") if s.strip()],
                          sched_switch=not args.no_sched, mode=args.mode,
-                         buffer_kb=args.buffer_kb, csd_kprobes=args.csd_kprobes)
+                         buffer_kb=args.buffer_kb, csd_kprobes=args.csd_kprobes,
+                         func_probes=args.func_probes)
     name, why = select.choose(args.backend, args.mode)
     if args.bpf_buffer != "auto" and (name != "bcc" or args.mode != "events"):
         raise InputError(f"--bpf-buffer {args.bpf_buffer}: only for --backend bcc in "
@@ -158,8 +165,13 @@ def run(args: argparse.Namespace) -> int:
         host["isolated_cpus"] = iso
         host["nohz_full_cpus"] = []
         host["isolated_source"] = "--isolated"
+    if args.func_probes == "fentry" and name != "bcc":
+        raise InputError(f"--func-probes fentry: only the bcc backend loads fentry "
+                         f"programs (this is {name})")
+    fentry_ok = name == "bcc" and args.func_probes != "kprobe" and checks.fentry_allowed()[0]
     specs, absent = plan_probes(opts, function_names(), checks.kprobes_available(),
-                                bool(host.get("pks")), backend=name)
+                                bool(host.get("pks")), backend=name,
+                                fentry_available=fentry_ok)
     meta = schema.TraceMeta(host=host)
     meta.probes = [a.to_json() for a in absent]
     meta.command = ["pkstrace", "record", *sys.argv[2:]] if sys.argv[1:2] == ["record"] \
