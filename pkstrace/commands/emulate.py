@@ -36,6 +36,8 @@ examples:
                                     # + v3k.tracepoints.pkstrace: the same run, csd tracepoints
   pkstrace emulate --cpus 4 --isolated 3 --scenario v3 --backend bcc -o v3bcc.pkstrace
   pkstrace emulate --cpus 4 --scenario v3 --backend bcc --func-probes fentry -o f.pkstrace
+  pkstrace emulate --cpus 4 --scenario v3 --backend bcc --func-probes both -o b.pkstrace
+                                    # + b.fentry.pkstrace: the scenario again, fentry probes
   pkstrace replay v3.pkstrace --json                        # analyse it again
 """
 
@@ -86,9 +88,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "flags, survives a panic) or bcc (the real `pkstrace record "
                         "--backend bcc`, run from the host's files over 9p; needs "
                         "python3-bpfcc on this host; slower start)")
-    p.add_argument("--func-probes", default="auto", choices=("auto", "kprobe", "fentry"),
+    p.add_argument("--func-probes", default="auto",
+                   choices=("auto", "kprobe", "fentry", "both"),
                    help="with --backend bcc: how write_pkrs / update_global_pkrs are "
-                        "probed (passed to record --func-probes; default auto)")
+                        "probed (record --func-probes; default auto); 'both' records the "
+                        "scenario twice in one boot, with kprobes into FILE and with "
+                        "fentry into FILE-stem.fentry.pkstrace")
     p.add_argument("-f", "--force", action="store_true", help="overwrite FILE")
     p.add_argument("-q", "--quiet", action="store_true", help="no replay summary")
 

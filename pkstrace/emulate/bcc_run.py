@@ -43,8 +43,7 @@ NINEP_MODULES = (("netfs", "fs/netfs/netfs"), ("9pnet", "net/9p/9pnet"),
 MIN_MEMORY_MB = 2048  # clang compiling the probes, plus pandas, in the guest
 OUT_DIR = "guest-out"  # in the run directory, shared writable with the guest
 GUEST_OUT = "/run/pkstrace-out"  # where the guest mounts it
-TRACE_NAME = "bcc.pkstrace"
-FUNC_PROBES = ("auto", "kprobe", "fentry")
+FUNC_PROBES = ("auto", "kprobe", "fentry", "both")  # both: kprobe, then fentry
 PROJECT = Path(__file__).resolve().parents[2]  # holds pkstrace/, probes/, .venv
 
 
@@ -96,16 +95,33 @@ def host_root(kern: GuestKernel, work: Path) -> tuple[list[qemu.Share], dict[str
     return shares, cfg
 
 
-def recorder(func_probes: str) -> tuple[list[str], list[str]]:
-    """Environment and argv of the recorder the guest runs (chrooted, host paths)."""
-    env = [f"PYTHONPATH={PROJECT}", "HOME=/tmp", "PYTHONDONTWRITEBYTECODE=1",
-           "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "TERM=dumb"]
+def labels(func_probes: str) -> list[str]:
+    """One recording per label, in this order, in one boot."""
+    return ["kprobe", "fentry"] if func_probes == "both" else [func_probes]
+
+
+def trace_name(label: str) -> str:
+    return f"bcc-{label}.pkstrace"
+
+
+def twin(output: Path, label: str) -> Path:
+    """Where --func-probes both writes its second (fentry) trace: X.fentry.pkstrace."""
+    return output.with_name(f"{output.stem}.{label}{output.suffix or '.pkstrace'}")
+
+
+def recorder_env() -> list[str]:
+    return [f"PYTHONPATH={PROJECT}", "HOME=/tmp", "PYTHONDONTWRITEBYTECODE=1",
+            "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "TERM=dumb"]
+
+
+def recorder(label: str) -> list[str]:
+    """argv of one recorder the guest runs (chrooted, host paths)."""
     argv = [sys.executable, "-m", "pkstrace", "record", "--backend", "bcc",
             "--mode", "events", "--msr", RECORD_MSR,
-            "-o", f"{GUEST_OUT}/{TRACE_NAME}", "--force", "--no-status", "-q"]
-    if func_probes != "auto":
-        argv += ["--func-probes", func_probes]
-    return env, argv
+            "-o", f"{GUEST_OUT}/{trace_name(label)}", "--force", "--no-status", "-q"]
+    if label != "auto":
+        argv += ["--func-probes", label]
+    return argv
 
 
 def run(o: RunOptions, func_probes: str = "auto",
@@ -127,14 +143,15 @@ def run(o: RunOptions, func_probes: str = "auto",
     (work / OUT_DIR).mkdir()
     shares, root_cfg = host_root(kern, work)
     modules = {n: Path(p) for n, p in root_cfg.pop("_module_files").items()}
-    env, argv = recorder(func_probes)
+    runs = labels(func_probes)
     params = (f"scenario={o.scenario} iterations={o.iterations} threads={o.threads} "
               "updater_cpu=0")
-    cfg = {"backend": "bcc", "host_root": root_cfg, "recorder_env": env, "recorder": argv,
+    cfg = {"backend": "bcc", "host_root": root_cfg, "recorder_env": recorder_env(),
+           "recorders": [recorder(label) for label in runs],
            "ready_timeout_s": 600, "stop_timeout_s": 300, "settle_s": 0.3}
     initrd = run_archive(work / "initrd.cpio", ko, params, cfg, log=log,
                          extra_modules=modules)
-    timeout = o.timeout_s or (600 + 10 * o.cpus + 0.5 * o.iterations * o.cpus)
+    timeout = o.timeout_s or len(runs) * (600 + 10 * o.cpus + 0.5 * o.iterations * o.cpus)
     mem = max(MIN_MEMORY_MB, o.mem_mb or qemu.memory_mb(o.cpus))
     append = qemu.kernel_cmdline(_cpulist(iso))
     log(f"emulate: booting {kern.release} with {o.cpus} vCPUs"
@@ -142,16 +159,17 @@ def run(o: RunOptions, func_probes: str = "auto",
         f"recording with bcc inside the guest (func probes: {func_probes})")
     notes: list[str] = []
     for attempt in range(1, ATTEMPTS + 1):
-        (work / OUT_DIR / TRACE_NAME).unlink(missing_ok=True)
+        for label in runs:
+            (work / OUT_DIR / trace_name(label)).unlink(missing_ok=True)
         boot = qemu.boot(kern.vmlinuz, initrd, o.cpus, append, work, timeout, mem, shares)
-        results = read_results(boot.results)
-        if not (boot.tcg_int3 and "counters" not in results) or attempt == ATTEMPTS:
+        counted = all("counters" in run_results(work, i) for i in range(len(runs)))
+        if not (boot.tcg_int3 and not counted) or attempt == ATTEMPTS:
             break
         notes.append(f"attempt {attempt}: guest hit a stale int3 while the tracer patched "
                      "kernel text (TCG artefact); booted again")
         log(f"emulate: {notes[-1]}")
     record = {
-        "backend": "bcc", "func_probes": func_probes,
+        "backend": "bcc", "func_probes": func_probes, "runs": runs,
         "options": {"scenario": o.scenario, "cpus": o.cpus, "isolated": iso,
                     "iterations": o.iterations, "threads": o.threads},
         "kernel": kern.release, "append": append, "timeout_s": timeout,
@@ -171,9 +189,50 @@ def is_bcc_run(work: Path) -> bool:
         return False
 
 
+def run_results(work: Path, run: int) -> dict[str, Any]:
+    """The guest driver's results for recording ``run`` (lines without a run index,
+    such as the facts, belong to every run)."""
+    lines = []
+    src = work / "results.jsonl"
+    for line in (src.read_text(errors="replace").splitlines() if src.exists() else []):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("run", run) == run:
+            lines.append(line)
+    path = work / f"results-run{run}.jsonl"
+    path.write_text("".join(f"{ln}\n" for ln in lines))
+    return read_results(path)
+
+
 def build_trace(work: Path, output: Path, force: bool = False,
                 log: Callable[[str], None] = print) -> RunResult:
-    """The guest recorder's trace plus the run's scenario, ground truth and notes."""
+    """The guest recorder's trace(s) plus the run's scenario, ground truth and notes.
+    With --func-probes both, the fentry recording goes to X.fentry.pkstrace."""
+    from pkstrace import tracefile
+
+    try:
+        record = json.loads((work / "run.json").read_text())
+        runs = list(record.get("runs") or [record["func_probes"]])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EmulateError(f"{work}: not a pkstrace emulate run directory ({e})") from None
+    outputs = [output, *(twin(output, label) for label in runs[1:])]
+    for out in outputs:
+        if out.exists() and not force:
+            raise tracefile.TraceFileError(f"{out} exists (use --force to overwrite)")
+    results = [build_one(work, out, i, label, force) for i, (out, label)
+               in enumerate(zip(outputs, runs, strict=True))]
+    first = results[0]
+    for label, res in zip(runs[1:], results[1:], strict=True):
+        first.notes.append(f"the {label} recording of the same boot is {res.output} "
+                           f"({res.status})")
+        log(f"emulate: {label} recording of the same boot: {res.output}")
+    return first
+
+
+def build_one(work: Path, output: Path, run: int, label: str, force: bool) -> RunResult:
+    """Recording ``run`` of the boot in ``work`` as the trace ``output``."""
     from pkstrace import schema, tracefile
 
     try:
@@ -182,10 +241,8 @@ def build_trace(work: Path, output: Path, force: bool = False,
         sc = SCENARIOS[opts["scenario"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise EmulateError(f"{work}: not a pkstrace emulate run directory ({e})") from None
-    if output.exists() and not force:
-        raise tracefile.TraceFileError(f"{output} exists (use --force to overwrite)")
     bootrec = record["boot"]
-    results = read_results(work / "results.jsonl")
+    results = run_results(work, run)
     notes = list(record.get("notes", []))
     status = bootrec["status"]
     if bootrec["tcg_int3"] and "done" in results and status == "panic":
@@ -211,7 +268,7 @@ def build_trace(work: Path, output: Path, force: bool = False,
         shutil.copyfile(console, console_out)
     except OSError as e:
         raise EmulateError(f"cannot write {console_out}: {e.strerror}") from None
-    guest_trace = work / OUT_DIR / TRACE_NAME
+    guest_trace = work / OUT_DIR / trace_name(label)
     try:
         trace = tracefile.read_trace(guest_trace)
     except (OSError, tracefile.TraceFileError) as e:
@@ -236,7 +293,7 @@ def build_trace(work: Path, output: Path, force: bool = False,
         "mount_s": results.get("host_root", {}).get("mount_s"),
         "panic": bootrec["panic"], "warnings": bootrec["warnings"],
         "console_log": console_out.name, "run_dir": str(work), "qemu": bootrec["command"],
-        "backend": "bcc", "func_probes": record["func_probes"],
+        "backend": "bcc", "func_probes": label,
     }
     meta.ground_truth = ground_truth
     meta.extra["guest_command"] = meta.command

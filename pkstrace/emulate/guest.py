@@ -24,6 +24,7 @@ RESULTS_PORT = "pkstrace.results"
 CONTROL = "/sys/kernel/debug/pks_test/control"
 COUNTERS = "/sys/kernel/debug/pks_test/counters"
 READY = "/tmp/pkstrace.ready"
+PARAMS = "/etc/pks_test.params"  # the module's parameters (initramfs.INIT_SCRIPT)
 STOP = "/tmp/pkstrace.stop"
 
 
@@ -186,10 +187,9 @@ def mount_host_root(root: dict[str, Any]) -> None:
 
 
 def main_bcc(cfg: dict[str, Any], say: Callable[..., None]) -> int:
-    """Record with the host's `pkstrace record --backend bcc`, chrooted (see above)."""
-    import signal
-    import threading
-
+    """Record with the host's `pkstrace record --backend bcc`, chrooted (see above),
+    once per entry of cfg["recorders"]; between two, the PKS module is loaded afresh
+    (it runs its scenario once per load). Each result line carries its "run" index."""
     t0 = time.monotonic()
     try:
         mount_host_root(cfg["host_root"])
@@ -197,7 +197,28 @@ def main_bcc(cfg: dict[str, Any], say: Callable[..., None]) -> int:
         say("error", message=f"host root over 9p: {e}")
         return 1
     say("host_root", mount_s=round(time.monotonic() - t0, 3))
-    cmd = ["chroot", HOST_ROOT, "/usr/bin/env", *cfg["recorder_env"], *cfg["recorder"]]
+    for i, argv in enumerate(cfg["recorders"]):
+        def say_run(kind: str, _i: int = i, **fields: Any) -> None:
+            say(kind, run=_i, **fields)
+
+        if i:
+            try:
+                _sh("rmmod", "pks_test")
+                _sh("insmod", "/lib/modules/pks_test.ko", *_read(PARAMS).split())
+            except OSError as e:
+                say_run("error", message=f"reloading the PKS module: {e}")
+                return 1
+        if not record_once(cfg, argv, say_run):
+            return 1
+    return 0
+
+
+def record_once(cfg: dict[str, Any], argv: list[str], say: Callable[..., None]) -> bool:
+    """One recording of one scenario run; False if the recorder never got going."""
+    import signal
+    import threading
+
+    cmd = ["chroot", HOST_ROOT, "/usr/bin/env", *cfg["recorder_env"], *argv]
     t0 = time.monotonic()
     rec = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True, bufsize=1)
@@ -220,11 +241,12 @@ def main_bcc(cfg: dict[str, Any], say: Callable[..., None]) -> int:
             reader.join(5)
             say("error", message=f"recorder exited with status {rec.returncode} before "
                                  f"tracing: {(lines or ['no output'])[-1]}")
-            return 1
+            return False
         if time.monotonic() - t0 > cfg["ready_timeout_s"]:
             rec.kill()
+            rec.wait()
             say("error", message="recorder not ready in time")
-            return 1
+            return False
     say("recording", attach_s=round(time.monotonic() - t0, 3))
     run_scenario(say)
     time.sleep(cfg.get("settle_s", 0.3))
@@ -239,7 +261,7 @@ def main_bcc(cfg: dict[str, Any], say: Callable[..., None]) -> int:
     reader.join(5)
     say("recorder", lines=lines)
     say("done", recorder_status=rec.returncode)
-    return 0
+    return True
 
 
 if __name__ == "__main__":
