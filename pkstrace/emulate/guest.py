@@ -167,6 +167,17 @@ def mount_host_root(root: dict[str, Any]) -> None:
     _sh("mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", HOST_ROOT)
     for name, target in root["links"]:
         os.symlink(target, HOST_ROOT + name)
+
+    def mount(fstype: str, at: str) -> None:
+        os.makedirs(HOST_ROOT + at, exist_ok=True)  # on a tmpfs, or already there
+        _sh("mount", "-t", fstype, fstype, HOST_ROOT + at)
+
+    # The guest's own /proc, /sys, /dev and /tmp first: a share may live under /tmp
+    # (a clone in /tmp/x, PKSTRACE_CACHE=/tmp/...) and is then mounted on this tmpfs.
+    for fstype, at in (("proc", "/proc"), ("sysfs", "/sys"), ("devtmpfs", "/dev"),
+                       ("tmpfs", "/tmp"), ("tracefs", "/sys/kernel/tracing"),
+                       ("debugfs", "/sys/kernel/debug")):
+        mount(fstype, at)
     for tag, path, writable in root["shares"]:
         at = HOST_ROOT + path
         os.makedirs(at, exist_ok=True)
@@ -174,11 +185,7 @@ def mount_host_root(root: dict[str, Any]) -> None:
         # uncached 9p lookup is a round trip through the emulator
         _sh("mount", "-t", "9p", "-o",
             NINEP_OPTS + ("" if writable else ",ro,cache=loose"), tag, at)
-    for fstype, at in (("proc", "/proc"), ("sysfs", "/sys"), ("devtmpfs", "/dev"),
-                       ("tmpfs", "/tmp"), ("tracefs", "/sys/kernel/tracing"),
-                       ("debugfs", "/sys/kernel/debug"), ("tmpfs", "/lib/modules")):
-        os.makedirs(HOST_ROOT + at, exist_ok=True)  # on the tmpfs root, or already there
-        _sh("mount", "-t", fstype, fstype, HOST_ROOT + at)
+    mount("tmpfs", "/lib/modules")  # over the host's, after /usr is there
     release = os.uname().release
     mods = f"{HOST_ROOT}/lib/modules/{release}"
     os.makedirs(mods)
