@@ -275,6 +275,27 @@ def test_raw_guest_stream_both_paths_give_the_same_design_calls() -> None:
         out["tracepoints"].groupby("target_cpu").size().to_dict() == {1: 5, 2: 5, 3: 5}
 
 
+# --- a kernel that really has no csd tracepoints: Debian's 6.1 -------------------------
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_linux61_without_csd_tracepoints_equals_module_counters(scenario: str) -> None:
+    """Recorded by `pkstrace emulate --kernel linux-image-6.1.0-56-amd64-unsigned_*.deb
+    --cpus 4 --isolated 3 --scenario S --iterations 5` (no --csd-kprobes: chosen by the
+    kernel version, and the guest kernel itself reports the csd tracepoints absent)."""
+    trace = tracefile.read_trace(FIXTURES / f"emulated_{scenario}_linux61_4cpu.pkstrace")
+    assert trace.meta.host["kernel"].startswith("6.1.")
+    probes = {p["name"]: p for p in trace.meta.probes}
+    assert probes["csd:csd_queue_cpu"]["reason"] == "tracepoint not in this kernel"
+    assert not probes["csd:csd_queue_cpu"]["attached"]
+    assert probes["kprobe:generic_exec_single"]["attached"]
+    assert probes["kprobe:smp_call_function_many_cond"]["attached"]
+    f = analyse(trace)
+    assert_matches_module(trace, f)
+    assert any("matched by time" in n for n in f.notes)
+    lat = design_remote(f)["latency_ns"].to_numpy()
+    assert len(lat) == 15 and (lat > 0).all() and (lat < 10 * MS).all(), lat
+
+
 # --- matching by time, on traces built by hand -------------------------------------
 
 def _trace(rows: list[dict]) -> schema.Trace:
@@ -360,6 +381,52 @@ def test_mask_send_is_one_call_per_other_cpu() -> None:
 
 # --- a real boot ----------------------------------------------------------------
 
+def debian_61_kernel() -> Path:
+    """Debian's 6.1 image matching the installed 6.1 headers (scripts/apt-packages.txt:
+    linux-headers-amd64), downloaded once into the emulator's cache with apt-get."""
+    import shutil
+
+    from pkstrace.emulate.kernel import cache_dir
+
+    hdrs = sorted(Path("/usr/src").glob("linux-headers-6.1.*-amd64"))
+    if not hdrs or shutil.which("apt-get") is None:
+        pytest.skip("needs Debian's linux-headers-6.1.*-amd64 in /usr/src and apt-get "
+                    "(Debian 12) to build the PKS module for a 6.1 guest")
+    release = hdrs[-1].name.removeprefix("linux-headers-")
+    debs = cache_dir() / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    pkg = f"linux-image-{release}-unsigned"
+    found = sorted(debs.glob(f"{pkg}_*.deb"))
+    if not found:
+        subprocess.run(["apt-get", "download", "-q", pkg], cwd=debs, check=True,
+                       capture_output=True, timeout=900)
+        found = sorted(debs.glob(f"{pkg}_*.deb"))
+    return found[-1]
+
+
+@pytest.mark.emulated
+@pytest.mark.slow
+def test_boot_linux61_records_calls_without_csd_tracepoints(tmp_path: Path) -> None:
+    """A real kernel before 6.3 (Debian 6.1): emulate picks the kprobe path by itself,
+    and the analysis of a broadcast design equals the PKS module's counters."""
+    deb = debian_61_kernel()
+    out = tmp_path / "bc61.pkstrace"
+    p = subprocess.run([sys.executable, "-m", "pkstrace", "emulate", "--kernel", str(deb),
+                        "--cpus", "4", "--isolated", "3", "--scenario", "broadcast",
+                        "--iterations", "5", "-o", str(out), "-q"],
+                       capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "has no csd tracepoints (before 6.3)" in p.stderr
+    trace = tracefile.read_trace(out)
+    probes = {pr["name"]: pr for pr in trace.meta.probes}
+    assert probes["csd:csd_queue_cpu"]["reason"] == "tracepoint not in this kernel"
+    assert probes["kprobe:smp_call_function_many_cond"]["attached"]
+    f = analyse(trace)
+    assert_matches_module(trace, f)
+    lat = design_remote(f)["latency_ns"].to_numpy()
+    assert len(lat) == 15 and (lat > 0).all() and (lat < 10 * MS).all(), lat
+
+
 @pytest.mark.emulated
 @pytest.mark.slow
 def test_boot_with_csd_kprobes_both_paths_match_the_module(tmp_path: Path) -> None:
@@ -399,4 +466,11 @@ def test_boot_with_csd_kprobes_both_paths_match_the_module(tmp_path: Path) -> No
     from pkstrace.emulate.scenarios import stream_meta
 
     raw = Path(tk.meta.scenario["run_dir"]) / "events.txt"
-    assert stream_meta(raw.read_text(errors="replace"))["end"]["cleanup_problems"] == []
+    end = stream_meta(raw.read_text(errors="replace")).get("end")
+    if end is None:
+        # TCG's stale int3 while the probes came off (2 of 23 boots with both paths on:
+        # qemu.TCG_INT3_RE): the guest died before its last line; emulate says so
+        assert any("while the tracer removed its probes" in n for n in tk.meta.notes), \
+            tk.meta.notes
+    else:
+        assert end["cleanup_problems"] == []

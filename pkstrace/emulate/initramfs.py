@@ -174,6 +174,8 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tracefs nodev /sys/kernel/tracing
 mount -t debugfs nodev /sys/kernel/debug
+# drivers an older kernel has as modules (virtio console: the ports to the host)
+for m in /lib/modules/early/*.ko; do [ -e "$m" ] && insmod "$m"; done
 echo "pkstrace-guest: init up, loading pks_test $(cat /etc/pks_test.params)"
 if insmod /lib/modules/pks_test.ko $(cat /etc/pks_test.params); then
     # the driver runs on a housekeeping CPU (0), never on the CPUs under test
@@ -202,14 +204,18 @@ def module_bytes(path: Path) -> bytes:
 
 
 def run_archive(dest: Path, module_ko: Path, module_params: str, run_config: dict,
-                log=print, extra_modules: dict[str, Path] | None = None) -> Path:
+                log=print, extra_modules: dict[str, Path] | None = None,
+                early_modules: list[Path] | None = None) -> Path:
     """The full initramfs for one run: base + the run's layer, concatenated.
 
     ``extra_modules``: more kernel modules by name, stored as
     /lib/modules/extra/NAME.ko for the driver to load (in the order given).
+    ``early_modules``: modules /init loads before anything else, in this order.
     """
     base = base_archive(log=log)
     c = Cpio()
+    for i, path in enumerate(early_modules or []):
+        c.file(f"lib/modules/early/{i:02d}-{path.name.split('.')[0]}.ko", module_bytes(path))
     for name, path in (extra_modules or {}).items():
         c.file(f"lib/modules/extra/{name}.ko", module_bytes(path))
     c.file("init", INIT_SCRIPT.encode(), 0o755)

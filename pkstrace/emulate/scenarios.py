@@ -168,6 +168,27 @@ def check_options(o: RunOptions) -> list[int]:
     return iso
 
 
+# The guest reaches the host through virtio-serial ports. Debian's 6.12 builds the
+# drivers in; older kernels (6.1) have them as modules, loaded by /init in this order.
+VIRTIO_CONSOLE_MODULES = ("drivers/virtio/virtio_ring", "drivers/virtio/virtio",
+                          "drivers/virtio/virtio_pci_legacy_dev",
+                          "drivers/virtio/virtio_pci_modern_dev", "drivers/virtio/virtio_pci",
+                          "drivers/char/virtio_console")
+
+
+def virtio_console_modules(kern: GuestKernel) -> list[Path]:
+    """The virtio console's modules where ``kern`` does not build it in (else [])."""
+    from pkstrace.emulate.kernel import module_path
+
+    try:
+        config = kern.config.read_text() if kern.config else ""
+    except OSError:
+        config = ""
+    if "CONFIG_VIRTIO_CONSOLE=m" not in config:
+        return []
+    return [p for rel in VIRTIO_CONSOLE_MODULES if (p := module_path(kern, rel)) is not None]
+
+
 def record_probes(csd_kprobes: str, release: str) -> tuple[list[str], list[str]]:
     """Tracepoints and kprobe specs the guest records (``--csd-kprobes`` mode)."""
     from pkstrace.backends import base
@@ -267,13 +288,24 @@ def run(o: RunOptions, log: Callable[[str], None] = print) -> RunResult:
     work = _workdir(o.scenario)
     params = (f"scenario={o.scenario} iterations={o.iterations} threads={o.threads} "
               "updater_cpu=0")
+    from pkstrace.backends.base import kernel_version
+
     events, kprobes = record_probes(o.csd_kprobes, kern.release)
+    if not o.csd_kprobes and (0, 0) < kernel_version(kern.release) < (6, 3):
+        # no csd tracepoints before 6.3: record the calls as `pkstrace record` would.
+        # The csd / ipi tracepoints are still asked for, so the trace's probe table
+        # shows the guest kernel's own answer (and build_trace drops any they give).
+        o.csd_kprobes = "only"
+        events, kprobes = record_probes("both", kern.release)
+        log(f"emulate: {kern.release} has no csd tracepoints (before 6.3): cross-CPU calls "
+            "recorded with kprobes and the call-function vectors (--csd-kprobes)")
     cfg = {
         "events": events, "kprobes": kprobes, "msr": RECORD_MSR,
         "buffer_kb": 2048, "clock": "mono", "ready_timeout_s": 120, "stop_timeout_s": 60,
         "settle_s": 0.3,
     }
-    initrd = run_archive(work / "initrd.cpio", ko, params, cfg, log=log)
+    initrd = run_archive(work / "initrd.cpio", ko, params, cfg, log=log,
+                         early_modules=virtio_console_modules(kern))
     timeout = o.timeout_s or (180 + 10 * o.cpus + 0.5 * o.iterations * o.cpus)
     append = qemu.kernel_cmdline(_cpulist(iso))
     log(f"emulate: booting {kern.release} with {o.cpus} vCPUs"
@@ -368,6 +400,8 @@ def build_trace(work: Path, output: Path, force: bool = False,
                            if not str(p.get("name", "")).startswith(("csd:", "ipi:"))]
         notes.append(f"--csd-kprobes both: the same run's csd/ipi tracepoints are in "
                      f"{tp_output.name}")
+    elif csd_mode == "only":
+        events_text = drop_events(events_text, CSD_TRACEPOINT_EVENTS)  # one path per trace
     ground_truth = _write_emulated(output, events_text, smeta, csd_mode, record, opts, sc,
                                    bootrec, results, console_text, notes, status, console_out,
                                    force, work)
