@@ -34,6 +34,8 @@ examples:
   pkstrace emulate --cpus 4 --scenario v3 --csd-kprobes -o old.pkstrace  # as on Linux < 6.3
   pkstrace emulate --cpus 4 --scenario v3 --csd-kprobes both -o v3k.pkstrace
                                     # + v3k.tracepoints.pkstrace: the same run, csd tracepoints
+  pkstrace emulate --kernel linux-image-6.1.0-56-amd64-unsigned_6.1.192-2_amd64.deb \
+      --cpus 4 --scenario broadcast -o bc61.pkstrace    # Linux 6.1: no csd tracepoints
   pkstrace emulate --cpus 4 --isolated 3 --scenario v3 --backend bcc -o v3bcc.pkstrace
   pkstrace emulate --cpus 4 --scenario v3 --backend bcc --func-probes fentry -o f.pkstrace
   pkstrace emulate --cpus 4 --scenario v3 --backend bcc --func-probes both -o b.pkstrace
@@ -82,7 +84,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "generic_exec_single / smp_call_function_many_cond and the "
                         "call-function vectors instead of the csd/ipi tracepoints; 'both' "
                         "records both paths in one run and also writes "
-                        "FILE-stem.tracepoints.pkstrace")
+                        "FILE-stem.tracepoints.pkstrace. A guest kernel before 6.3 "
+                        "(e.g. --kernel linux-image-6.1.*.deb) gets 'only' by itself")
     p.add_argument("--backend", default="tracefs", choices=("tracefs", "bcc"),
                    help="recorder inside the guest: tracefs (default; stdlib only, ftrace "
                         "flags, survives a panic) or bcc (the real `pkstrace record "
