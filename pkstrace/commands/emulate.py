@@ -34,7 +34,7 @@ examples:
   pkstrace emulate --cpus 4 --scenario v3 --csd-kprobes -o old.pkstrace  # as on Linux < 6.3
   pkstrace emulate --cpus 4 --scenario v3 --csd-kprobes both -o v3k.pkstrace
                                     # + v3k.tracepoints.pkstrace: the same run, csd tracepoints
-  pkstrace emulate --kernel linux-image-6.1.0-56-amd64-unsigned_6.1.192-2_amd64.deb \
+  pkstrace emulate --kernel linux-image-6.1.0-56-amd64-unsigned_6.1.192-2_amd64.deb \\
       --cpus 4 --scenario broadcast -o bc61.pkstrace    # Linux 6.1: no csd tracepoints
   pkstrace emulate --cpus 4 --isolated 3 --scenario v3 --backend bcc -o v3bcc.pkstrace
   pkstrace emulate --cpus 4 --scenario v3 --backend bcc --func-probes fentry -o f.pkstrace
