@@ -22,7 +22,6 @@ from test_record_live import (
     PKSTRACE,
     SLOW_BPF,
     STREAMING_CALLS,
-    SYSCALL_LOOP,
     N,
     _wait_for_line,
     bpf_prog_ids_of,
@@ -37,6 +36,9 @@ from workload import CALLED_FUNC, cross_cpu_calls, workload_command, workload_pi
 from pkstrace import schema, tracefile
 
 pytestmark = [pytest.mark.live]
+# Syscalls on CPU 0 until killed (test_record_live's loop stops after 2 s, which a
+# loaded host can spend compiling the slow program: then it never runs).
+SYSCALL_LOOP = "import os; os.sched_setaffinity(0, {0})\nwhile True: os.getppid()"
 
 
 def need_perf_buffer() -> None:
@@ -142,6 +144,7 @@ def test_perf_buffer_sees_what_an_idle_cpu_does() -> None:
             entries["perf tracepoint samples"] = int(((ev["cpu"] == 1)
                                                       & (ev["func"] == CALLED_FUNC)).sum())
             entries["perf unsampled hits"] = samples.unsampled_hits().get(1, 0)
+        skipped = {}
         for name, b in (("perf", perf_buf), ("ring", ring)):
             b.stop()
             ev = b.drain()
@@ -149,10 +152,16 @@ def test_perf_buffer_sees_what_an_idle_cpu_does() -> None:
             assert sum(v for c, v in lost.items() if c >= 0) == 0, (name, lost)
             entries[name] = int(((ev["kind"] == "csd_entry") & (ev["cpu"] == 1)
                                  & (ev["func"] == CALLED_FUNC)).sum())
+            # Hits the kernel's BPF recursion guard skipped (another BPF program was
+            # running on that CPU): gone from both paths alike, counted under CPU -1.
+            skipped[name] = lost.get(-1, 0)
         pb = perf_buf.extra()["perf_buffer"]
     print(f"csd entries on CPU 1 of {N} calls 1 ms apart: {entries}; perf buffer CPU 1 "
           f"sent {pb['sent']['1']}, arrived {pb['arrived']['1']}")
-    assert entries["perf"] == entries["ring"] >= N - N // 100, entries
+    assert entries["perf"] == entries["ring"], entries
+    # Both paths may miss the same few hits no BPF program ran for: seen once in
+    # ~20 runs, 3 of 200 (197 each), which perf counted but did not sample either.
+    assert entries["perf"] + skipped["perf"] >= N - N // 50, (entries, skipped)
     assert pb["sent"]["1"] == pb["arrived"]["1"] and pb["never_arrived"] == {}, pb
 
 
