@@ -243,13 +243,18 @@ def record_once(cfg: dict[str, Any], argv: list[str], say: Callable[..., None]) 
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
+    # Polls counted, not clock time: under TCG on a loaded host the guest's clock
+    # has been seen to jump by ~1000 s at once (with RCU stall reports), which
+    # would end a clock-time wait at once. The host's timeout bounds a real hang.
+    polls = 0
     while not ready.wait(0.1):
+        polls += 1
         if rec.poll() is not None:
             reader.join(5)
             say("error", message=f"recorder exited with status {rec.returncode} before "
                                  f"tracing: {(lines or ['no output'])[-1]}")
             return False
-        if time.monotonic() - t0 > cfg["ready_timeout_s"]:
+        if polls * 0.1 > cfg["ready_timeout_s"]:
             rec.kill()
             rec.wait()
             say("error", message="recorder not ready in time")
