@@ -125,3 +125,48 @@ def test_bcc_kprobe_and_fentry_in_the_guest_equal_the_module_counters(tmp_path: 
         bad = [c for c in checks if not c.equal]
         assert checks and not bad, f"{method}: differs from the module:\n" + truth.table(bad)
         assert not any(c.name == "updates with preempt drift" for c in checks)  # no flags
+
+
+def test_rebuild_of_a_bcc_run_directory_overlays_the_guest_traces(tmp_path: Path) -> None:
+    """`emulate --rebuild DIR` on a --backend bcc run: each guest trace gets the
+    scenario, its own run's counters and the console log; no boot needed."""
+    import json
+
+    from pkstrace import schema
+    from pkstrace.emulate import bcc_run
+
+    work = tmp_path / "run"
+    (work / bcc_run.OUT_DIR).mkdir(parents=True)
+    for label in ("kprobe", "fentry"):
+        meta = schema.TraceMeta(host={"kernel": "6.12.117+deb12-amd64", "pks": True},
+                                backend="bcc", notes=[f"recorded with {label}"])
+        tracefile.write_trace(work / bcc_run.OUT_DIR / bcc_run.trace_name(label),
+                              schema.Trace(events=schema.empty_events(), meta=meta))
+    (work / "console.log").write_text("pkstrace-guest: powering off\n")
+    lines = [{"type": "facts", "facts": {"online": "0-3"}}]
+    for i in (0, 1):
+        lines += [{"type": "counters", "run": i, "counters": {"updates": 5 + i,
+                                                             "pks_cpuid": True}},
+                  {"type": "done", "run": i, "recorder_status": 0}]
+    (work / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (work / "run.json").write_text(json.dumps({
+        "backend": "bcc", "func_probes": "both", "runs": ["kprobe", "fentry"],
+        "options": {"scenario": "v3", "cpus": 4, "isolated": [3], "iterations": 5,
+                    "threads": 3},
+        "kernel": "6.12.117+deb12-amd64", "append": "", "timeout_s": 100, "wall_s": 99.0,
+        "boot": {"status": "ok", "wall_s": 98.0, "panic": "", "warnings": [],
+                 "tcg_int3": False, "returncode": 0, "command": ["qemu"]},
+        "notes": []}))
+    out = tmp_path / "x.pkstrace"
+    p = subprocess.run([*PKSTRACE, "emulate", "--rebuild", str(work), "-o", str(out), "-q"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    for path, label, updates in ((out, "kprobe", 5), (tmp_path / "x.fentry.pkstrace",
+                                                      "fentry", 6)):
+        meta = tracefile.read_meta(path)
+        assert meta.backend == "bcc" and meta.source == "emulated" and meta.host["emulated"]
+        assert meta.scenario["func_probes"] == label and meta.scenario["status"] == "ok"
+        assert meta.ground_truth["updates"] == updates and meta.ground_truth["complete"]
+        assert f"recorded with {label}" in meta.notes
+        assert (path.parent / (path.name + ".console.log")).exists()
+    assert "fentry recording of the same boot" in p.stderr

@@ -133,6 +133,12 @@ def run(o: RunOptions, func_probes: str = "auto",
 
     if func_probes not in FUNC_PROBES:
         raise EmulateError(f"bad --func-probes {func_probes!r}")
+    import importlib.util
+
+    if importlib.util.find_spec("bcc") is None:
+        raise EmulateError(f"--backend bcc: {sys.executable} cannot import bcc, and the "
+                           "guest runs this very Python (install python3-bpfcc; use the "
+                           "project venv: make setup)")
     iso = check_options(o)
     if o.output.exists() and not o.force:
         raise tracefile.TraceFileError(f"{o.output} exists (use --force to overwrite)")
