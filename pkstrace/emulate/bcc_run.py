@@ -35,6 +35,7 @@ from pkstrace.emulate.scenarios import (
     _workdir,
     check_options,
     read_results,
+    virtio_console_modules,
 )
 
 # Load order matters: each needs the ones before it.
@@ -156,7 +157,7 @@ def run(o: RunOptions, func_probes: str = "auto",
            "recorders": [recorder(label) for label in runs],
            "ready_timeout_s": 600, "stop_timeout_s": 300, "settle_s": 0.3}
     initrd = run_archive(work / "initrd.cpio", ko, params, cfg, log=log,
-                         extra_modules=modules)
+                         extra_modules=modules, early_modules=virtio_console_modules(kern))
     timeout = o.timeout_s or len(runs) * (600 + 10 * o.cpus + 0.5 * o.iterations * o.cpus)
     mem = max(MIN_MEMORY_MB, o.mem_mb or qemu.memory_mb(o.cpus))
     append = qemu.kernel_cmdline(_cpulist(iso))
