@@ -123,7 +123,10 @@ def test_stats_context_counts_and_switches_off(require_root):
     assert how
     assert stats and all(t > 0 for t, c in stats.values() if c > 0)
     assert STATS_SYSCTL.read_text() == before
-    assert _bpf_prog_ids() - ids_before == set()
+    # bpftrace's own programs are gone (other tools on a shared host may load theirs
+    # meanwhile: a system-wide "nothing new" failed twice in ~10 runs here).
+    assert stats and set(stats) - ids_before
+    assert (set(stats) - ids_before) & _bpf_prog_ids() == set()
 
 
 def test_unknown_tracer_is_one_line_error():
