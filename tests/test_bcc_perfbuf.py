@@ -77,6 +77,9 @@ def test_perf_buffer_records_the_workload_and_agrees_with_the_ring(tmp_path: Pat
     for buf, (trace, wpid) in traces.items():
         meta = trace.meta
         assert meta.extra["bcc"]["buffer"] == buf and not meta.partial
+        perf_notes = [n for n in meta.notes if "per-CPU perf buffers" in n]
+        assert perf_notes == (["bcc: events through per-CPU perf buffers (perf (asked for))"]
+                              if buf == "perf" else []), meta.notes
         ring_losses = sum(v for c, v in meta.lost_events.items() if c >= 0)
         queued = workload_queue(trace.events, wpid)
         assert (queued["cpu"] == 0).all()

@@ -970,6 +970,7 @@ class BccBackend(Backend):
     def notes(self) -> list[str]:
         out = list(self._notes)
         if self.want_events and self.buffer == "perf":
+            out.append(f"bcc: events through per-CPU perf buffers ({self.buffer_why})")
             _, unarrived = self._perf_lost()
             if unarrived:
                 out.append("bcc perf buffer: outputs the kernel accepted but never wrote to "
