@@ -28,7 +28,8 @@ def test_doctor_json_matches_what_the_kernel_allows() -> None:
     for name in ("root", "tracefs", "BPF", "BTF", "kprobes", "fentry", "kernel headers (bcc)",
                  "bcc (python3-bpfcc)", "perf Python bindings", "bpftool",
                  "tracepoint csd:csd_queue_cpu", "tracepoint msr:write_msr",
-                 "function write_pkrs", "PKS in the CPU", "isolated CPUs"):
+                 "function write_pkrs", "PKS in the CPU", "isolated CPUs", "cross-CPU calls",
+                 "perf samples idle CPUs"):
         assert name in by, name
     for c in doc["checks"]:
         if c["status"] == "missing":
@@ -38,6 +39,10 @@ def test_doctor_json_matches_what_the_kernel_allows() -> None:
     if root:
         has_kprobes = os.path.exists(f"{root}/kprobe_events")
         assert (by["kprobes"]["status"] == "ok") == has_kprobes
+        # csd tracepoints (Linux >= 6.3), else the kprobe fallback where kprobes exist
+        has_csd = os.path.isdir(f"{root}/events/csd/csd_queue_cpu")
+        assert (by["cross-CPU calls"]["status"] == "ok") == (has_csd or has_kprobes)
+        assert ("csd token" in by["cross-CPU calls"]["detail"]) == has_csd
     assert p.returncode == (0 if doc["auto_backend"] else 1)
 
 

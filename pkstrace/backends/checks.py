@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import glob
 import importlib
 import os
@@ -272,8 +273,12 @@ def check_perf() -> Check:
                  "apt-get install linux-perf && make setup")
 
 
+@functools.cache
 def perf_samples_idle_cpus(calls: int = 50) -> tuple[bool | None, str]:
     """Does perf sample a tracepoint hit in an interrupt on an idle CPU?
+
+    Measured once per process (doctor's table and `auto` then agree; on a busy
+    host the CPU may not idle and the answer can differ from run to run).
 
     Really measured: the perf backend records ``csd:csd_function_entry`` on one
     other (idle) CPU while this process makes ``calls`` synchronous cross-CPU
@@ -432,6 +437,7 @@ def all_checks() -> list[Check]:
               check_fentry(), check_headers(), check_bcc(), check_perf(),
               check_perf_idle_sampling(), check_bpftool()]
     checks += check_tracepoints()
+    checks.append(check_cross_cpu_calls())
     checks += check_kernel_functions((*schema.WRITE_PKRS_FUNCS, *schema.GLOBAL_UPDATE_FUNCS))
     checks += [check_pks(), check_isolated(), check_foreign_bpf(), check_leftovers()]
     return checks
@@ -452,11 +458,30 @@ def explain(c: Check) -> str:
     return f"{c.name}: {c.detail}" + (f" (fix: {c.fix})" if c.fix else "")
 
 
+def check_cross_cpu_calls(backend: str = "tracefs") -> Check:
+    """How ``backend`` records cross-CPU calls here: csd tracepoints (Linux >= 6.3), or
+    the kprobe fallback (generic_exec_single / smp_call_function_many_cond and the
+    call-function vectors), which only the tracefs backend attaches."""
+    d = find_tracefs()
+    name = "cross-CPU calls"
+    if not d:
+        return Check(name, INFO, "unknown (tracefs not mounted)", MOUNT_TRACEFS)
+    if os.path.isdir(f"{d}/events/csd/csd_queue_cpu"):
+        return Check(name, OK, "csd tracepoints (matched by csd token)")
+    if not kprobes_available():
+        return Check(name, MISSING, "no csd tracepoints (Linux < 6.3) and no kprobes for "
+                     "the fallback", "boot Linux >= 6.3, or a kernel with CONFIG_KPROBES=y")
+    if backend != "tracefs":
+        return Check(name, MISSING, "no csd tracepoints (Linux < 6.3): the kprobe fallback "
+                     f"is not available to the {backend} backend", "--backend tracefs")
+    return Check(name, OK, "no csd tracepoints (Linux < 6.3): kprobes on generic_exec_single "
+                 "/ smp_call_function_many_cond, matched to call-function vectors by time")
+
+
 def backend_problem(name: str) -> str:
     """'' if backend ``name`` can run here, else one line saying why not and the fix."""
     base = [check_root(), check_tracefs(mount=True)]
-    tps = [c for c in check_tracepoints(("csd:csd_queue_cpu", "csd:csd_function_entry",
-                                         "msr:write_msr"))]
+    tps = [*check_tracepoints(("msr:write_msr",))[:1], check_cross_cpu_calls(name)]
     if name == "tracefs":
         c = _first_missing(base + tps)
         return explain(c) if c else ""
