@@ -80,22 +80,25 @@ def test_perf_buffer_records_the_workload_and_agrees_with_the_ring(tmp_path: Pat
         perf_notes = [n for n in meta.notes if "per-CPU perf buffers" in n]
         assert perf_notes == (["bcc: events through per-CPU perf buffers (perf (asked for))"]
                               if buf == "perf" else []), meta.notes
-        ring_losses = sum(v for c, v in meta.lost_events.items() if c >= 0)
+        # Lost per CPU, and (CPU -1) runs the kernel's BPF recursion guard skipped
+        # while another tool's BPF program ran on that CPU (other engineers' tests
+        # on this shared host): reported, never silently missing.
+        reported = sum(meta.lost_events.values())
         queued = workload_queue(trace.events, wpid)
         assert (queued["cpu"] == 0).all()
         calls = workload_rows(trace, wpid)
-        if ring_losses == 0:
+        if reported == 0:
             # Every call queued on CPU 0 and entered on CPU 1; the kernel's own 1%
             # of unrecorded entries (test_record_live) is allowed.
             assert len(queued) == N, (buf, len(queued), meta.lost_events)
             assert len(calls) >= N * 0.99, (buf, len(calls))
         else:
-            assert len(queued) + ring_losses >= N, (buf, len(queued), meta.lost_events)
+            assert len(queued) + reported >= N, (buf, len(queued), meta.lost_events)
+            assert len(calls) + reported >= N * 0.99, (buf, len(calls), meta.lost_events)
         lat = calls["latency_ns"].to_numpy(dtype=float)
         assert (lat > 0).all() and np.median(lat) < 10e6
-        per_buffer[buf] = (len(queued), len(calls), ring_losses)
-        # Same schema and decoding: identical column types, and the workload's rows
-        # (its pid: the queue side) hold the same kinds in the same numbers.
+        per_buffer[buf] = (len(queued), len(calls), reported)
+        # Same schema and decoding: identical column types.
         assert list(trace.events.dtypes.astype(str)) == \
             list(traces["ring"][0].events.dtypes.astype(str))
     if per_buffer["perf"][2] == 0 and per_buffer["ring"][2] == 0:
