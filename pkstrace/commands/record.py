@@ -78,8 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the csd/ipi tracepoints, as on kernels before 6.3 (done anyway where "
                    "csd:csd_queue_cpu is missing); needs kprobes and --backend tracefs")
     p.add_argument("--buffer-kb", type=int, default=8192, metavar="KB",
-                   help="per-CPU buffer (default 8192): tracefs ring per CPU; "
-                   "bcc's one ring is about KB x CPUs x 3")
+                   help="per-CPU buffer (default 8192): tracefs ring per CPU; bcc's "
+                   "BPF ring buffers hold about KB x CPUs x 3 in all, its perf buffers "
+                   "about KB x 3 per CPU (powers of two)")
     p.add_argument("--bpf-buffer", default="auto", choices=("auto", "ring", "perf"),
                    help="bcc events mode: stream through the BPF ring buffer (ring) or "
                    "per-CPU perf buffers (perf); default auto: ring where the kernel has it "
