@@ -231,6 +231,17 @@ def test_fallback_trace_equals_module_counters(scenario: str) -> None:
     assert (calls["handler_ns"] > 0).all()
 
 
+def test_serial_walk_stays_serial_when_a_call_runs_without_its_vector() -> None:
+    """A v3 run (CI, 2026-11-26) in which one target, polling in idle, ran its call
+    with no vector and no context switch: the next vector on that CPU came after
+    the walk's next queue, and the walk read as a broadcast (module: 0). A
+    synchronous single-target call is done by its task's next queue."""
+    trace = tracefile.read_trace(FIXTURES / "emulated_v3_csdkprobes_pollidle_4cpu.pkstrace")
+    f = analyse(trace)
+    assert_matches_module(trace, f)
+    assert (f.episodes["mode"] == "serial").all() and len(f.episodes) == 5
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_fallback_and_tracepoint_paths_agree(scenario: str) -> None:
     path = fallback_fixture(scenario)

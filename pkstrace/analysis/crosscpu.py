@@ -278,6 +278,32 @@ def _mask_sends(p: Prepared) -> tuple[np.ndarray, np.ndarray]:
     return rows[keep], tgt[keep]
 
 
+def _clamp_to_next_single_queue(done_ns: np.ndarray, q_ts: np.ndarray, single: np.ndarray,
+                                source_cpu: np.ndarray, pid: np.ndarray) -> np.ndarray:
+    """A single-target call (generic_exec_single) is done, at the latest, when the
+    same task on the same CPU queues its next single-target call.
+
+    A synchronous caller (smp_call_function_single / wrmsrl_on_cpu) waits for its
+    call before it goes on. The time match cannot always see when a call ran: a
+    polling-idle target runs it with no vector and no context switch, and the next
+    vector on that CPU (a later call's) would otherwise make a serial walk look
+    like a broadcast. (An async sender, which does not wait, reads as serial.)
+    """
+    idx = np.flatnonzero(single)
+    if len(idx) < 2:
+        return done_ns
+    key = dense_key(source_cpu[idx].astype(np.int64), pid[idx].astype(np.int64))
+    srt = np.lexsort((q_ts[idx], key))  # by task, then time
+    o, ko = idx[srt], key[srt]
+    same = ko[1:] == ko[:-1]
+    out = done_ns.copy()
+    nxt = q_ts[o[1:]]
+    cur = o[:-1]
+    sel = same & (nxt < out[cur])
+    out[cur[sel]] = np.maximum(nxt[sel], q_ts[cur[sel]] + 1)
+    return out
+
+
 def cross_cpu_by_time(p: Prepared) -> CrossCpu:
     """Cross-CPU calls matched queue -> call-function vector entry by time (see top)."""
     ts_all, cpu_all, pid_all = p.col("ts"), p.col("cpu"), p.col("pid")
@@ -338,6 +364,9 @@ def cross_cpu_by_time(p: Prepared) -> CrossCpu:
     entry_ns = np.where(found, ts_all[np.maximum(e_row, 0)], -1)
     exit_ns = np.where(x_row >= 0, ts_all[np.maximum(x_row, 0)], -1)
     q_ts = ts_all[q_rows]
+    done_ns = np.where(found, np.maximum(entry_ns, q_ts + 1), q_ts)
+    done_ns = _clamp_to_next_single_queue(done_ns, q_ts, q_single, cpu_all[q_rows],
+                                          pid_all[q_rows])
     func_codes, _ = p.codes("func")
     queues = pd.DataFrame({
         "row": q_rows, "ts": q_ts, "source_cpu": cpu_all[q_rows].astype(np.int32),
@@ -353,7 +382,7 @@ def cross_cpu_by_time(p: Prepared) -> CrossCpu:
         # unlock, somewhere between the vector's entry and exit. The entry is the
         # bound that keeps a serial walk serial (the exit often comes after the next
         # queue); +1 ns keeps a cpumask send's queues (one timestamp) overlapping.
-        "done_ns": np.where(found, np.maximum(entry_ns, q_ts + 1), q_ts),
+        "done_ns": done_ns,
     }, copy=False)
 
     # calls: matched remote queues, then local calls (csd_entry with no csd, as the
