@@ -467,10 +467,42 @@ def test_boot_with_csd_kprobes_both_paths_match_the_module(tmp_path: Path) -> No
     # of the same run measured. TCG sometimes delivers an IPI late (14.7 ms once in
     # 9 boots, on both paths alike): such a call may exceed 10 ms if the tracepoints
     # say so too.
+    ct_sorted = ct.sort_values(["queue_ns", "target_cpu"])
     lat_k = ck.sort_values(["queue_ns", "target_cpu"])["latency_ns"].to_numpy()
-    lat_t = ct.sort_values(["queue_ns", "target_cpu"])["latency_ns"].to_numpy()
-    assert (lat_k > 0).all(), lat_k
-    assert (np.abs(lat_k - lat_t) < 0.5 * MS).all(), (lat_k, lat_t)
+    lat_t = ct_sorted["latency_ns"].to_numpy()
+    # the guest's trace clock counts microseconds: a polling-idle target that leaves
+    # idle within the queue's microsecond reads as 0
+    assert (lat_k >= 0).all(), lat_k
+    # Matching by time takes the target's next vector, whatever it ran: where the
+    # tracepoints show another function (the tracer's own do_sync_core, seen right
+    # after attaching) entered on the target between the queue and the call, the
+    # kprobe path may take that vector. Nothing else may differ by 0.5 ms or more.
+    # The kprobe path ends a call at the vector's entry, the tracepoints at the
+    # function's: compare with the vector that carried it in the tracepoint trace
+    # (the last one entered on the target before the function; under TCG a handler
+    # once took 568 us from its vector entry to the function).
+    ev = tt.events
+    other = ev[(ev["kind"] == "csd_entry") & ~truth._design(ev)]
+    pre_empted = np.array([
+        ((other["cpu"] == c) & (other["ts"] > q) & (other["ts"] < q + lt)).any()
+        for c, q, lt in zip(ct_sorted["target_cpu"], ct_sorted["queue_ns"], lat_t,
+                            strict=True)])
+    vec = ev[ev["kind"] == "callfunc_entry"][["ts", "cpu"]].astype(np.int64)
+    carried = pd.merge_asof(
+        pd.DataFrame({"ts": ct_sorted["entry_ns"].to_numpy(np.int64),
+                      "cpu": ct_sorted["target_cpu"].to_numpy(np.int64),
+                      "pos": np.arange(len(ct_sorted))}).sort_values("ts"),
+        vec.assign(vec_ns=vec["ts"]).sort_values("ts"),
+        on="ts", by="cpu", direction="backward").sort_values("pos")
+    lat_v = carried["vec_ns"].to_numpy(float) - ct_sorted["queue_ns"].to_numpy(float)
+    # no vector of its own (the last one came before the queue): a polling-idle
+    # target ran it as it left idle; the kprobe path then ends the call at the idle
+    # exit or, with none, at the CPU's next vector (README: it can read long), but
+    # never well before the function ran
+    no_vector = ~(lat_v >= 0)
+    near = np.abs(lat_k - lat_v) < 0.5 * MS
+    late_ok = no_vector & (lat_k > lat_t - 0.5 * MS)
+    assert (pre_empted | near | late_ok).all(), (lat_k, lat_t, lat_v)
     slow = lat_t >= 10 * MS
     assert (lat_k[~slow] < 10 * MS).all() and slow.sum() <= 1, (lat_k, lat_t)
     # the recorder in the guest removed its kprobe events and instance cleanly
@@ -485,3 +517,25 @@ def test_boot_with_csd_kprobes_both_paths_match_the_module(tmp_path: Path) -> No
             tk.meta.notes
     else:
         assert end["cleanup_problems"] == []
+
+
+def test_a_stall_while_the_tracer_attaches_means_boot_again(tmp_path: Path) -> None:
+    """The console of a 6.1 guest (CI, 2026-11-26) whose recorder hung in the kernel
+    while it armed its kprobes: soft lockups before the scenario ran. emulate stops
+    such a guest at once and boots again; a stall once the recorder said "recording"
+    (the scenario runs) is a result and is kept."""
+    from pkstrace.emulate.scenarios import stalled_while_attaching
+
+    console = (FIXTURES / "guest_linux61_stall_while_attaching.console.log").read_text(
+        errors="replace")
+    results = tmp_path / "results.jsonl"
+    give_up = stalled_while_attaching(results)
+    assert give_up(console)  # no results yet at all
+    results.write_text('{"type": "facts", "facts": {}}\n')
+    assert give_up(console)
+    assert not give_up(console.split("rcu: INFO")[0])  # no stall on the console
+    results.write_text('{"type": "facts", "facts": {}}\n{"type": "recording", "attach_s": 1}\n')
+    assert not give_up(console)  # the scenario runs: a stall now is its result
+    results.write_text('{"type": "facts", "facts": {}}\n{"type": "recording", "attach_s": 1}\n'
+                       '{"type": "ran", "run_s": 0.01}\n{"type": "counters", "counters": {}}\n')
+    assert give_up(console)  # done, counters read: the recorder is removing its probes

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +38,8 @@ WARN_RE = re.compile(r"(WARNING: CPU: \d+ PID: \d+ at [^\n]*|BUG: [^\n]*|"
 @dataclass
 class BootResult:
     # "ok"; "bug": it finished but the console shows BUG:/WARNING:/Oops/stall lines;
-    # "panic"; "timeout": stopped after timeout_s; "error": QEMU failed
+    # "panic"; "timeout": stopped after timeout_s; "error": QEMU failed;
+    # "stall": stopped early because boot()'s give_up said so
     status: str
     wall_s: float
     console: Path
@@ -109,8 +110,37 @@ def _term_raises():  # noqa: ANN202 - returns the previous handler or None
     return signal.signal(signal.SIGTERM, on_term)
 
 
+def _wait(proc: subprocess.Popen[bytes], deadline: float, console: Path,
+          give_up: Callable[[str], bool] | None) -> int | None:
+    """The guest's exit status; None if ``give_up`` stopped it (killed). Raises
+    TimeoutExpired at the deadline."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise subprocess.TimeoutExpired(proc.args, 0)
+        try:
+            return proc.wait(timeout=min(1.0, left) if give_up else left)
+        except subprocess.TimeoutExpired:
+            if give_up is None:
+                continue
+        if give_up(console.read_text(errors="replace")):
+            proc.kill()  # our own child, by its handle
+            return None
+
+
+# A guest that stopped making progress: soft lockups and RCU stalls.
+STALL_RE = re.compile(r"watchdog: BUG: soft lockup|rcu: INFO: rcu_\w+ (self-)?detected stall")
+
+
 def boot(vmlinuz: Path, initrd: Path, cpus: int, append: str, workdir: Path,
-         timeout_s: float, mem_mb: int | None = None, shares: Sequence[Share] = ()) -> BootResult:
+         timeout_s: float, mem_mb: int | None = None, shares: Sequence[Share] = (),
+         give_up: Callable[[str], bool] | None = None) -> BootResult:
+    """Boot and wait for the guest to power off, at most ``timeout_s``.
+
+    ``give_up(console_text)``, if given, is asked every second while the guest runs;
+    True stops the guest at once with status "stall" (the caller decides what a
+    stall at that point means, e.g. one while the tracer attached: boot again).
+    """
     if shutil.which(QEMU) is None:
         raise EmulateError(f"{QEMU} not found (Debian package qemu-system-x86: run `make setup`)")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -129,7 +159,10 @@ def boot(vmlinuz: Path, initrd: Path, cpus: int, append: str, workdir: Path,
         # SIGTERM must not orphan the guest: turn it into an exception while we wait.
         old_term = _term_raises()
         try:
-            rc = proc.wait(timeout=timeout_s)
+            rc = _wait(proc, t0 + timeout_s, console, give_up)
+            if rc is None:
+                status = "stall"
+                rc = proc.wait()
         except subprocess.TimeoutExpired:
             proc.kill()  # our own child, by its handle
             rc = proc.wait()
@@ -145,7 +178,7 @@ def boot(vmlinuz: Path, initrd: Path, cpus: int, append: str, workdir: Path,
     text = console.read_text(errors="replace")
     panic = PANIC_RE.search(text)
     warnings = WARN_RE.findall(text)
-    if status != "timeout":
+    if status not in ("timeout", "stall"):
         status = "panic" if panic else ("error" if rc != 0 else ("bug" if warnings else "ok"))
     return BootResult(status=status, wall_s=wall, console=console,
                       events=workdir / "events.txt", results=workdir / "results.jsonl",
