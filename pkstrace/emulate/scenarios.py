@@ -235,7 +235,7 @@ def stalled_while_attaching(results: Path) -> Callable[[str], bool]:
     the recorder attaches its probes (the guest has said neither "recording" nor
     "ran") or removes them (after the module's counters, before "done"): no scenario
     code runs then. Seen on Debian's 6.1 under TCG with kprobes on the cross-CPU call
-    functions, about one boot in four: the recorder hung in the kernel while arming
+    functions (3 of 19 boots on 2026-11-26): the recorder hung in the kernel while arming
     or disarming them. A stall while the scenario runs is its result and is kept."""
 
     def give_up(console: str) -> bool:
