@@ -177,11 +177,11 @@ def test_record_sees_every_cross_cpu_call(backend: str, tmp_path: Path) -> None:
     ours = calls[(calls["pid"] == wpid) & (calls["func"] == CALLED_FUNC)
                  & (calls["target_cpu"] == 1) & ~calls["local"]]
     # Every queued call of the workload is matched to its entry on CPU 1, but for
-    # at most 1%: with other tracers attached on this shared host the kernel's
-    # perf recursion guard can drop a tracepoint hit before any probe runs, and
-    # nothing counts that (seen once in ~20 runs, with `perf record` on CPU 1).
+    # at most 3%: the kernel itself now and then records no entry and counts no
+    # loss (see test_cpus_option_records_only_those_cpus), and with other tracers
+    # attached the perf recursion guard can drop a hit before any probe runs.
     assert len(ours) + reported >= N - max(1, 3 * N // 100), (
-        len(ours), len(queued), meta.lost_events, meta.extra)  # see test_cpus_option_...
+        len(ours), len(queued), meta.lost_events, meta.extra)
     lat = ours.sort_values("queue_ns")["latency_ns"].to_numpy(dtype=float)
     assert np.isfinite(lat).all() and (lat > 0).all()
     # Delivery is part of each call's round trip, which the workload timed itself:
