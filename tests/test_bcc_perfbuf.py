@@ -20,7 +20,6 @@ import pandas as pd
 import pytest
 from test_record_live import (
     PKSTRACE,
-    SLOW_BPF,
     STREAMING_CALLS,
     N,
     _wait_for_line,
@@ -31,14 +30,17 @@ from test_record_live import (
     record_cli,
     workload_queue,
 )
-from workload import CALLED_FUNC, cross_cpu_calls, workload_command, workload_pid
+from workload import (
+    CALLED_FUNC,
+    cross_cpu_calls,
+    foreign_slow_bpf,
+    workload_command,
+    workload_pid,
+)
 
 from pkstrace import schema, tracefile
 
 pytestmark = [pytest.mark.live]
-# Syscalls on CPU 0 until killed (test_record_live's loop stops after 2 s, which a
-# loaded host can spend compiling the slow program: then it never runs).
-SYSCALL_LOOP = "import os; os.sched_setaffinity(0, {0})\nwhile True: os.getppid()"
 
 
 def need_perf_buffer() -> None:
@@ -236,19 +238,11 @@ def test_perf_buffer_batches_follow_each_other_in_time() -> None:
 def test_perf_buffer_keeps_the_recursion_miss_accounting() -> None:
     """Runs the kernel's BPF recursion guard skipped are lost under CPU -1, as on the ring."""
     need_perf_buffer()
-    from bcc import BPF
-
     backend = perf_backend()
     with backend:
         backend.attach()
-        busy = subprocess.Popen([sys.executable, "-c", SYSCALL_LOOP])
-        slow = BPF(text=SLOW_BPF, cflags=[f"-DSLOW_PID={busy.pid}"])
-        try:
+        with foreign_slow_bpf():
             cross_cpu_calls(N, target_cpu=0, source_cpu=1)
-        finally:
-            slow.cleanup()
-            busy.kill()
-            busy.wait()
         backend.read(0.05)
         backend.stop()
         backend.drain()

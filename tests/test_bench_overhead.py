@@ -6,8 +6,6 @@ a unit error), and that the tracers detach and the BPF statistics switch back of
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -220,49 +218,22 @@ def test_recursion_misses_helper():
                                       9: {"run_cnt": 1}}) == 7
 
 
-# Another tool's BPF program running long on every syscall of one busy process on
-# CPU 0: the IPIs the workload sends to CPU 0 meanwhile hit bpftrace's tracepoint
-# programs while that one runs, and the kernel skips them (test_record_live has the
-# same for pkstrace).
-SLOW_BPF = r"""
-TRACEPOINT_PROBE(raw_syscalls, sys_enter)
-{
-    if ((bpf_get_current_pid_tgid() >> 32) != SLOW_PID)
-        return 1;
-    u64 t0 = bpf_ktime_get_ns();
-    for (int i = 0; i < 4000; i++) {
-        if (bpf_ktime_get_ns() - t0 > 100000)
-            break;
-    }
-    return 1;
-}
-"""
-SYSCALL_LOOP = "import os; os.sched_setaffinity(0, {0})\nwhile True: os.getppid()"
-
-
 def test_bpftrace_misses_counted_when_another_bpf_program_runs(require_root, tmp_path):
     """With a slow foreign BPF program on CPU 0, bpftrace misses runs there; the
     results say how many, as its lost events (before: always 0)."""
     if not shutil.which("bpftrace") or not os.path.exists("/dev/cpu/0/cpuid"):
         pytest.skip("needs bpftrace and /dev/cpu/0/cpuid")
     try:
-        from bcc import BPF
+        import bcc  # noqa: F401
     except ImportError:
         pytest.skip("needs bcc (python3-bpfcc) to load the slow program")
-    busy = subprocess.Popen([sys.executable, "-c", SYSCALL_LOOP])
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            slow = BPF(text=SLOW_BPF, cflags=[f"-DSLOW_PID={busy.pid}"])
-        try:
-            out = tmp_path / "overhead.json"
-            res = _pkstrace("bench", "overhead", "--tracers", "untraced,bpftrace", "--runs", "1",
-                            "--bpf-runs", "0", "--calls", "3000", "--source-cpu", "1",
-                            "--target-cpu", "0", "-o", str(out), "-q")
-        finally:
-            slow.cleanup()
-    finally:
-        busy.kill()
-        busy.wait()
+    from workload import foreign_slow_bpf
+
+    out = tmp_path / "overhead.json"
+    with foreign_slow_bpf():
+        res = _pkstrace("bench", "overhead", "--tracers", "untraced,bpftrace", "--runs", "1",
+                        "--bpf-runs", "0", "--calls", "3000", "--source-cpu", "1",
+                        "--target-cpu", "0", "-o", str(out), "-q")
     assert res.returncode == 0, res.stderr
     doc = json.loads(out.read_text())
     bt = {r["key"]: r for r in doc["tracers"]}["bpftrace"]

@@ -318,32 +318,11 @@ def test_bcc_batches_follow_each_other_in_time() -> None:
     assert all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:], strict=False)), spans
 
 
-# Another tool's BPF program that runs long (with interrupts on) on every
-# syscall of one process: the IPIs our calls send to that CPU meanwhile hit our
-# tracepoints while a BPF program is running there, and the kernel skips ours.
-SLOW_BPF = r"""
-TRACEPOINT_PROBE(raw_syscalls, sys_enter)
-{
-    if ((bpf_get_current_pid_tgid() >> 32) != SLOW_PID)
-        return 1;
-    u64 t0 = bpf_ktime_get_ns();
-    for (int i = 0; i < 4000; i++) {
-        if (bpf_ktime_get_ns() - t0 > 100000)
-            break;
-    }
-    return 1;  // 0 would hide sys_enter from perf users meanwhile
-}
-"""
-SYSCALL_LOOP = ("import os, time; os.sched_setaffinity(0, {0}); t = time.monotonic()\n"
-                "while time.monotonic() - t < 2: os.getppid()")
-
-
 @pytest.mark.parametrize("mode", ["counts", "events"])
 def test_bcc_recursion_misses_are_lost_events(mode: str) -> None:
     """Runs the kernel skipped (BPF recursion guard) count as lost, under CPU -1."""
     need_backend("bcc")
-    from bcc import BPF
-    from workload import cross_cpu_calls
+    from workload import cross_cpu_calls, foreign_slow_bpf
 
     from pkstrace.backends.base import RecordOptions, plan_probes
     from pkstrace.backends.bcc import BccBackend
@@ -353,14 +332,8 @@ def test_bcc_recursion_misses_are_lost_events(mode: str) -> None:
     backend = BccBackend(specs, mode=mode)
     with backend:
         backend.attach()
-        busy = subprocess.Popen([sys.executable, "-c", SYSCALL_LOOP])
-        slow = BPF(text=SLOW_BPF, cflags=[f"-DSLOW_PID={busy.pid}"])
-        try:
+        with foreign_slow_bpf():
             cross_cpu_calls(N, target_cpu=0, source_cpu=1)
-        finally:
-            slow.cleanup()
-            busy.kill()
-            busy.wait()
         backend.read(0.05)
         backend.stop()
         backend.drain()
