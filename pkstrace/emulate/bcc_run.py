@@ -25,7 +25,6 @@ from typing import Any
 from pkstrace.emulate import qemu
 from pkstrace.emulate.kernel import EmulateError, GuestKernel, module_path
 from pkstrace.emulate.scenarios import (
-    ATTEMPTS,
     RECORD_MSR,
     SCENARIOS,
     RunOptions,
@@ -33,6 +32,7 @@ from pkstrace.emulate.scenarios import (
     _cpulist,
     _guest_kernel,
     _workdir,
+    boot_with_retries,
     check_options,
     read_results,
     virtio_console_modules,
@@ -164,17 +164,14 @@ def run(o: RunOptions, func_probes: str = "auto",
     log(f"emulate: booting {kern.release} with {o.cpus} vCPUs"
         f"{', isolated ' + _cpulist(iso) if iso else ''} (TCG), scenario {o.scenario}, "
         f"recording with bcc inside the guest (func probes: {func_probes})")
-    notes: list[str] = []
-    for attempt in range(1, ATTEMPTS + 1):
+    def boot_once() -> qemu.BootResult:
         for label in runs:
             (work / OUT_DIR / trace_name(label)).unlink(missing_ok=True)
-        boot = qemu.boot(kern.vmlinuz, initrd, o.cpus, append, work, timeout, mem, shares)
-        counted = all("counters" in run_results(work, i) for i in range(len(runs)))
-        if not (boot.tcg_int3 and not counted) or attempt == ATTEMPTS:
-            break
-        notes.append(f"attempt {attempt}: guest hit a stale int3 while the tracer patched "
-                     "kernel text (TCG artefact); booted again")
-        log(f"emulate: {notes[-1]}")
+        return qemu.boot(kern.vmlinuz, initrd, o.cpus, append, work, timeout, mem, shares)
+
+    boot, notes = boot_with_retries(
+        boot_once, lambda: all("counters" in run_results(work, i) for i in range(len(runs))),
+        log)
     record = {
         "backend": "bcc", "func_probes": func_probes, "runs": runs,
         "options": {"scenario": o.scenario, "cpus": o.cpus, "isolated": iso,

@@ -43,7 +43,7 @@ RECORD_KPROBES: tuple[str, ...] = (
 RECORD_MSR = "0x6e1"
 MAX_CPUS = 64
 KEEP_RUNS = 8  # run directories kept under the cache's runs/
-ATTEMPTS = 3  # boots per run when TCG shows its stale-int3 artefact (qemu.TCG_INT3_RE)
+ATTEMPTS = 3  # boots per run while an emulator artefact spoils it (boot_with_retries)
 
 
 @dataclass(frozen=True)
@@ -230,6 +230,30 @@ def _workdir(name: str) -> Path:
     return d
 
 
+def boot_with_retries(boot_once: Callable[[], qemu.BootResult], counted: Callable[[], bool],
+                      log: Callable[[str], None]) -> tuple[qemu.BootResult, list[str]]:
+    """Boot up to ATTEMPTS times while the guest fails by an emulator artefact outside
+    the scenario: a stall while the tracer attaches or removes its probes (boot()'s
+    give_up), or TCG's stale int3 before the module's counters were read
+    (``counted``). Returns the last boot and a note per retry."""
+    notes: list[str] = []
+    for attempt in range(1, ATTEMPTS + 1):
+        boot = boot_once()
+        if attempt == ATTEMPTS:
+            break
+        if boot.status == "stall":
+            notes.append(f"attempt {attempt}: guest stalled (soft lockup / RCU stall) while "
+                         "the tracer attached or removed its probes, outside the scenario; "
+                         "booted again")
+        elif boot.tcg_int3 and not counted():
+            notes.append(f"attempt {attempt}: guest hit a stale int3 while the tracer patched "
+                         "kernel text (TCG artefact); booted again")
+        else:
+            break
+        log(f"emulate: {notes[-1]}")
+    return boot, notes
+
+
 def stalled_while_attaching(results: Path) -> Callable[[str], bool]:
     """boot()'s give_up: the guest console shows a soft lockup or an RCU stall while
     the recorder attaches its probes (the guest has said neither "recording" nor
@@ -339,23 +363,10 @@ def run(o: RunOptions, log: Callable[[str], None] = print) -> RunResult:
     append = qemu.kernel_cmdline(_cpulist(iso))
     log(f"emulate: booting {kern.release} with {o.cpus} vCPUs"
         f"{', isolated ' + _cpulist(iso) if iso else ''} (TCG), scenario {o.scenario}")
-    notes: list[str] = []
-    for attempt in range(1, ATTEMPTS + 1):
-        boot = qemu.boot(kern.vmlinuz, initrd, o.cpus, append, work, timeout, o.mem_mb,
-                         give_up=stalled_while_attaching(work / "results.jsonl"))
-        results = read_results(boot.results)
-        if attempt == ATTEMPTS:
-            break
-        if boot.status == "stall":
-            notes.append(f"attempt {attempt}: guest stalled (soft lockup / RCU stall) while "
-                         "the tracer attached or removed its probes, outside the scenario; "
-                         "booted again")
-        elif boot.tcg_int3 and "counters" not in results:
-            notes.append(f"attempt {attempt}: guest hit a stale int3 while the tracer patched "
-                         "kernel text (TCG artefact); booted again")
-        else:
-            break
-        log(f"emulate: {notes[-1]}")
+    boot, notes = boot_with_retries(
+        lambda: qemu.boot(kern.vmlinuz, initrd, o.cpus, append, work, timeout, o.mem_mb,
+                          give_up=stalled_while_attaching(work / "results.jsonl")),
+        lambda: "counters" in read_results(work / "results.jsonl"), log)
     record = {
         "options": {"scenario": o.scenario, "cpus": o.cpus, "isolated": iso,
                     "iterations": o.iterations, "threads": o.threads,
