@@ -98,11 +98,14 @@ def describe_files(results_dir: Path, results: dict[str, dict[str, Any]]) -> lis
     out = []
     for name, doc in results.items():
         path = results_dir / f"{name}.json"
-        created = doc.get("created") or time.strftime(
-            "%Y-%m-%dT%H:%M:%S", time.localtime(path.stat().st_mtime))
+        # The scripts grew their own spellings of the same two facts; read them all.
+        machine = doc.get("machine") if isinstance(doc.get("machine"), dict) else {}
+        created = (doc.get("created") or doc.get("date") or doc.get("time")
+                   or time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(path.stat().st_mtime)))
+        git_rev = (doc.get("git_rev") or doc.get("git_revision") or doc.get("git")
+                   or machine.get("git_revision") or "")
         out.append({"name": name, "file": _shown(path), "created": str(created),
-                    "smoke": doc.get("smoke"),
-                    "git_rev": doc.get("git_rev") or doc.get("git_revision") or ""})
+                    "smoke": doc.get("smoke"), "git_rev": str(git_rev)})
     return out
 
 
