@@ -303,11 +303,18 @@ def _fixture_lines() -> list[bytes]:
     for name in ("ftrace_cpuid_2cpu.txt", "perf_script_cpuid_2cpu.txt",
                  "trace_cmd_report_cpuid_2cpu.txt", "ftrace_tgid_cpuid_2cpu.txt",
                  "ftrace_latfmt_cpuid_2cpu.txt", "ftrace_noflags_cpuid_2cpu.txt",
-                 "ftrace_pipe_lost_cpuid_2cpu.txt", "ftrace_stack_cpuid_2cpu.txt"):
-        p = FIXTURES / name
-        if p.exists():
-            lines = p.read_bytes().splitlines()
-            out += lines[:40] + lines[len(lines) // 2:len(lines) // 2 + 40]
+                 "ftrace_pipe_lost_cpuid_2cpu.txt", "ftrace_stack_cpuid_2cpu.txt",
+                 # later formats: -l flags, 4-char flags, quoted in mail, a serial
+                 # console, the guest's raw stream with its header, and the kprobe
+                 # cross-CPU call lines of kernels without csd tracepoints
+                 "trace_cmd_report_l_cpuid_2cpu.txt", "ftrace_4char_flags_derived.txt",
+                 "ftrace_mail_quoted_derived.txt", "ftrace_serial_console_derived.txt",
+                 "guest_v3_raw_excerpt.txt", "guest_csd_kprobes_broadcast_4cpu.txt",
+                 "ftrace_kprobe_old_kernel_derived.txt"):
+        lines = (FIXTURES / name).read_bytes().splitlines()  # a missing one fails here
+        out += lines[:40] + lines[len(lines) // 2:len(lines) // 2 + 40]
+        # kprobe events ("name: (sym+0x4/0x120) args"), wherever they are in the file
+        out += [ln for ln in lines if b": (" in ln and not ln.startswith(b"#")][:40]
     return out
 
 
