@@ -158,7 +158,6 @@ def record(backend: Backend, out: str | os.PathLike[str], meta: schema.TraceMeta
     if status is None:
         status = stream.isatty()
     line = StatusLine(stream, bool(status))
-    writer = tracefile.TraceWriter(out, force=force)
     counts: dict[str, int] = {}
     lost: dict[int, int] = {}
     results: list[ProbeResult] = []
@@ -188,6 +187,9 @@ def record(backend: Backend, out: str | os.PathLike[str], meta: schema.TraceMeta
             ts_max = hi if ts_max is None else max(ts_max, hi)
 
     with _Stopper() as stopper:
+        # Created once a stop signal can no longer end the process by its default
+        # action: a signal before this point leaves no temporary file behind.
+        writer = tracefile.TraceWriter(out, force=force)
         try:
             try:
                 results = backend.attach()
