@@ -248,8 +248,13 @@ def table(df: pd.DataFrame, columns: list[Column], caption: str = "",
         rows.append("<tr>" + "".join(cells) + "</tr>")
     note = ""
     if total > len(shown):
-        note = (f'<p class="note">Showing {len(shown):,} of {total:,} rows'
-                f'{" (largest " + esc(sort_by) + " first)" if sort_by else ""}; '
+        order_text = ""
+        if sort_by:
+            title = next((c.title for c in columns if c.key == sort_by), sort_by)
+            words = ("earliest", "latest") if title in ("time", "start") else \
+                ("smallest", "largest")
+            order_text = f" ({words[0] if ascending else words[1]} {esc(title)} first)"
+        note = (f'<p class="note">Showing {len(shown):,} of {total:,} rows{order_text}; '
                 "all rows: <code>pkstrace export TRACE --format csv -o DIR</code>.</p>")
     cap = f"<caption>{esc(caption)}</caption>" if caption else ""
     tid = f' id="{esc(table_id)}"' if table_id else ""
@@ -605,71 +610,118 @@ def _cpu_axis_shapes(isolated: list[int]) -> list[dict[str, Any]]:
              "fillcolor": "rgba(0,0,0,0)"} for c in isolated]
 
 
+@dataclass
+class _Activity:
+    """One run's per-CPU activity, ready to bin: times relative to the run's start."""
+
+    t: np.ndarray
+    cpu_row: np.ndarray
+    count: np.ndarray
+    series: np.ndarray
+    cpus: np.ndarray
+    t_min: float
+    t_end: float
+    bin_ns: float
+
+
+def _activity_points(f: Findings) -> _Activity | None:
+    act = f.activity
+    if len(act) == 0:
+        return None
+    t = _numeric(act["bin_start_ns"]) - _origin_ns(f)
+    cpu = _numeric(act["cpu"])
+    count = _numeric(act["count"])
+    series = act["series"].astype(str).to_numpy()
+    ok = np.isfinite(t) & np.isfinite(cpu) & np.isfinite(count)
+    t, cpu, count, series = t[ok], cpu[ok].astype(int), count[ok], series[ok]
+    if len(t) == 0:
+        return None
+    bin_ns = float(f.activity_bin_ns or 0)
+    online = [int(c) for c in (f.trace.get("host") or {}).get("online_cpus") or []]
+    if len(online) > 4096:  # a row per CPU: keep the heatmap to the CPUs seen
+        online = []
+    cpus = np.unique(np.concatenate([cpu, np.asarray(f.isolated_cpus, dtype=int),
+                                     np.asarray(online, dtype=int)]))
+    cpu_row = np.searchsorted(cpus, cpu)
+    return _Activity(t=t, cpu_row=cpu_row, count=count, series=series, cpus=cpus,
+                     t_min=min(0.0, float(t.min())), t_end=float(t.max()) + (bin_ns or 1.0),
+                     bin_ns=bin_ns)
+
+
+def _activity_width(a: _Activity) -> float:
+    """Heatmap bin width: the analysis' bin, coarser where it would make too many cells."""
+    n_src = int(np.ceil((a.t_end - a.t_min) / a.bin_ns)) if a.bin_ns > 0 else 400
+    n_bins = max(1, min(n_src, 600, MAX_HEATMAP_CELLS // max(1, len(a.cpus))))
+    return (a.t_end - a.t_min) / n_bins
+
+
 def activity_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
+    points = [_activity_points(f) for _, f in runs]
+    have = [a for a in points if a is not None]
+    # Side by side, A and B share the bin width, the time axis and each colour scale:
+    # otherwise a colour (events per bin) means different rates on the two sides.
+    width = max((_activity_width(a) for a in have), default=1.0)
+    x_range = [min((a.t_min for a in have), default=0.0) / 1e6,
+               max((a.t_end for a in have), default=1.0) / 1e6]
+    grids: list[dict[str, np.ndarray]] = []
+    for a in points:
+        g: dict[str, np.ndarray] = {}
+        if a is not None:
+            n_bins = max(1, int(np.ceil((a.t_end - a.t_min) / width - 1e-9)))
+            col_of = np.clip(((a.t - a.t_min) / width).astype(int), 0, n_bins - 1)
+            present = list(dict.fromkeys(a.series.tolist()))
+            for s in [s for s in SERIES_ORDER if s in present] + \
+                     [s for s in present if s not in SERIES_ORDER]:
+                m = a.series == s
+                z = np.zeros((len(a.cpus), n_bins))
+                np.add.at(z, (a.cpu_row[m], col_of[m]), a.count[m])
+                g[s] = z
+        grids.append(g)
+    zmax: dict[str, float] = {}
+    for g in grids:
+        for s, z in g.items():
+            zmax[s] = max(zmax.get(s, 0.0), float(z.max()))
     parts = []
-    for label, f in runs:
-        act = f.activity
+    for (label, f), a, g in zip(runs, points, grids, strict=True):
         out = [_run_heading(label, len(runs))]
-        if len(act) == 0:
+        if a is None:
             out.append('<p class="empty">No per-CPU activity in the findings.</p>')
             parts.append("".join(out))
             continue
-        origin = _origin_ns(f)
-        t = _numeric(act["bin_start_ns"]) - origin
-        cpu = _numeric(act["cpu"])
-        count = _numeric(act["count"])
-        series = act["series"].astype(str).to_numpy()
-        ok = np.isfinite(t) & np.isfinite(cpu) & np.isfinite(count)
-        t, cpu, count, series = t[ok], cpu[ok].astype(int), count[ok], series[ok]
-        if len(t) == 0:
-            parts.append("".join(out) + '<p class="empty">No per-CPU activity.</p>')
-            continue
-        bin_ns = float(f.activity_bin_ns or 0)
-        t_end = float(t.max()) + (bin_ns or 1.0)
-        t_min = min(0.0, float(t.min()))
-        online = [int(c) for c in (f.trace.get("host") or {}).get("online_cpus") or []]
-        if len(online) > 4096:  # a row per CPU: keep the heatmap to the CPUs seen
-            online = []
-        cpus = np.unique(np.concatenate([cpu, np.asarray(f.isolated_cpus, dtype=int),
-                                         np.asarray(online, dtype=int)]))
-        n_bins_src = int(np.ceil((t_end - t_min) / bin_ns)) if bin_ns > 0 else 400
-        n_bins = max(1, min(n_bins_src, 600, MAX_HEATMAP_CELLS // max(1, len(cpus))))
-        width = (t_end - t_min) / n_bins
-        present = list(dict.fromkeys(series.tolist()))
-        ordered = [s for s in SERIES_ORDER if s in present] + \
-                  [s for s in present if s not in SERIES_ORDER]
-        cpu_index = {c: i for i, c in enumerate(cpus.tolist())}
-        row_of = np.vectorize(cpu_index.__getitem__, otypes=[int])(cpu) if len(cpu) else cpu
-        col_of = np.clip(((t - t_min) / width).astype(int), 0, n_bins - 1)
-        x_ms = ((t_min + (np.arange(n_bins) + 0.5) * width) / 1e6).round(4)
-        for s in ordered:
-            m = series == s
-            z = np.zeros((len(cpus), n_bins))
-            np.add.at(z, (row_of[m], col_of[m]), count[m])
-            total = int(z.sum())
+        cpus = a.cpus
+        ticktext = [f"CPU {c} (isolated)" if c in f.isolated_cpus else f"CPU {c}"
+                    for c in cpus.tolist()]
+        for s, z in g.items():
+            n_bins = z.shape[1]
+            x_ms = ((a.t_min + (np.arange(n_bins) + 0.5) * width) / 1e6).round(4)
             zs = np.where(z > 0, z, np.nan)
-            ticktext = [f"CPU {c} (isolated)" if c in f.isolated_cpus else f"CPU {c}"
-                        for c in cpus.tolist()]
-            fig = page.figure(
-                [{"type": "heatmap", "x": x_ms, "y": cpus, "z": zs,
-                  "colorscale": "Viridis", "reversescale": False, "hoverongaps": False,
-                  "colorbar": {"title": {"text": "events/bin"}},
-                  "hovertemplate": "CPU %{y}<br>t=%{x:.3f} ms<br>%{z} events<extra></extra>"}],
-                {"title": {"text": f"{esc(SERIES_TITLES.get(s, s))} per CPU over time "
-                                   f"({total:,} in all; bin {fmt_ns(width)})"},
-                 "xaxis": {"title": {"text": "time since start (ms)"}},
-                 "yaxis": {"title": {"text": "CPU"}, "tickmode": "array",
-                           "tickvals": cpus if len(cpus) <= 32 else None,
-                           "ticktext": ticktext if len(cpus) <= 32 else None,
-                           "autorange": "reversed"},
-                 "shapes": _cpu_axis_shapes(f.isolated_cpus)},
-                height=max(260, min(700, 120 + 22 * len(cpus))),
-                label=f"heatmap of {SERIES_TITLES.get(s, s)} per CPU over time")
-            out.append(fig)
+            trace: dict[str, Any] = {
+                "type": "heatmap", "x": x_ms, "y": cpus, "z": zs,
+                "colorscale": "Viridis", "reversescale": False, "hoverongaps": False,
+                "colorbar": {"title": {"text": "events/bin"}},
+                "hovertemplate": "CPU %{y}<br>t=%{x:.3f} ms<br>%{z} events<extra></extra>"}
+            layout: dict[str, Any] = {
+                "title": {"text": f"{esc(SERIES_TITLES.get(s, s))} per CPU over time "
+                                  f"({int(z.sum()):,} in all; bin {fmt_ns(width)})"},
+                "xaxis": {"title": {"text": "time since start (ms)"}},
+                "yaxis": {"title": {"text": "CPU"}, "tickmode": "array",
+                          "tickvals": cpus if len(cpus) <= 32 else None,
+                          "ticktext": ticktext if len(cpus) <= 32 else None,
+                          "autorange": "reversed"},
+                "shapes": _cpu_axis_shapes(f.isolated_cpus)}
+            if len(runs) > 1:
+                trace.update(zmin=0, zmax=zmax[s] or 1)
+                layout["xaxis"]["range"] = x_range
+            out.append(page.figure(
+                [trace], layout, height=max(260, min(700, 120 + 22 * len(cpus))),
+                label=f"heatmap of {SERIES_TITLES.get(s, s)} per CPU over time"))
         if f.isolated_cpus:
             out.append(f'<p class="note">Isolated CPUs '
                        f'{esc(schema.format_cpulist(f.isolated_cpus))} are outlined in '
                        "orange.</p>")
+        if len(runs) > 1:
+            out.append('<p class="note">Both sides share the bin width, time axis and '
+                       "colour scale of each heatmap.</p>")
         parts.append("".join(out))
     return section("activity", "Per-CPU activity over time",
                    "Which CPUs write MSRs and receive cross-CPU calls, and when? "
@@ -812,9 +864,18 @@ def log_ticks_us(lo_us: float, hi_us: float) -> dict[str, Any]:
     lo = max(float(lo_us), 1e-3)
     hi = max(float(hi_us), lo * 1.01)
     e0, e1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
-    mults = (1, 2, 5) if e1 - e0 <= 6 else (1,)
-    vals = [m * 10.0 ** e for e in range(e0, e1 + 1) for m in mults]
-    vals = [v for v in vals if lo / 1.2 <= v <= hi * 1.2] or [lo, hi]
+    vals: list[float] = []
+    # A narrow range (1.1-3.5 ms) leaves one 1-2-5 tick inside the plotted range: an
+    # axis with one label cannot be read, so denser steps until there are three.
+    for mults in ((1,), (1, 2, 5), (1, 1.5, 2, 3, 5, 7), (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8)):
+        if len(mults) == 1 and e1 - e0 <= 6:
+            continue
+        vals = [m * 10.0 ** e for e in range(e0, e1 + 1) for m in mults]
+        vals = [v for v in vals if lo / 1.05 <= v <= hi * 1.05]
+        if len(vals) >= 3:
+            break
+    if len(vals) < 2:
+        vals = [lo, hi]
     return {"tickvals": [round(v, 6) for v in vals], "ticktext": [fmt_ns(v * 1e3) for v in vals]}
 
 
@@ -827,6 +888,30 @@ def _latency_range(runs: Sequence[tuple[str, Findings]]) -> tuple[float, float] 
         if len(lat):
             lo, hi = min(lo, float(lat.min()) / 1e3), max(hi, float(lat.max()) / 1e3)
     return (lo, hi) if lo <= hi else None
+
+
+def _idle_state(calls: pd.DataFrame) -> np.ndarray:
+    """Per call: 0 target idle, 1 target busy, 2 unknown (integer codes, not strings:
+    grouping millions of strings is slow)."""
+    flag = _flags(_col(calls, "target_idle"))
+    return np.where(flag == 1, 0, np.where(flag == 0, 1, 2))
+
+
+def _idle_busy_text(calls: pd.DataFrame) -> str:
+    """Idle vs busy in numbers (percentiles as the analysis takes them), and how it is known."""
+    lat = _numeric(_col(calls, "latency_ns"))
+    state = _idle_state(calls)
+    parts = []
+    for code, name in ((0, "idle"), (1, "busy"), (2, "state unknown")):
+        v = lat[(state == code) & np.isfinite(lat)]
+        if len(v):
+            p50, p99 = (int(round(x)) for x in np.percentile(v, [50, 99]))
+            parts.append(f"target {name}: <strong>{len(v):,}</strong> calls, p50 "
+                         f"{esc(fmt_ns(p50))}, p99 {esc(fmt_ns(p99))}")
+    return ('<p class="note">' + "; ".join(parts) + ". A target is idle when it ran the "
+            "idle task (pid 0) when the call was queued: by its last sched_switch, or "
+            "where the trace has none for that CPU before the call, by the task the "
+            "handler interrupted.</p>")
 
 
 def latency_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
@@ -852,14 +937,15 @@ def latency_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
             xaxis = {"type": "log", "title": {"text": "queue → handler entry (log)"},
                      "range": [math.log10(rng[0]) - 0.05, math.log10(rng[1]) + 0.05],
                      **log_ticks_us(*rng)}
-            idle_flag = _flags(_col(calls, "target_idle"))[ok]
-            # Integer codes, not strings: grouping millions of strings is slow.
-            idle = np.where(idle_flag == 1, 0, np.where(idle_flag == 0, 1, 2))
+            idle = _idle_state(calls)[ok]
             inames = ("target idle", "target busy", "target state unknown").__getitem__
+            out.append(_idle_busy_text(calls))
             out.append(page.figure(
                 _group_lines(lat_us, idle, inames, edges, "hist"),
                 {"xaxis": xaxis, "title": {"text": "latency histogram: target CPU idle vs busy"},
-                 "yaxis": {"title": {"text": "calls per bin"}}},
+                 "yaxis": {"title": {"text": "calls per bin"}},
+                 # Also with one group: the legend says which state the calls were in.
+                 "showlegend": True},
                 label="latency histogram, target idle versus busy"))
             target = _numeric(_col(calls, "target_cpu"))[ok]
             iso = set(f.isolated_cpus)
@@ -902,8 +988,9 @@ def latency_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
                    _runs_grid(parts))
 
 
-def _cap_points(df: pd.DataFrame, weight: str) -> tuple[pd.DataFrame, str]:
-    """At most MAX_POINTS rows: the largest half by `weight` plus an even sample."""
+def _cap_points(df: pd.DataFrame, weight: str, what: str) -> tuple[pd.DataFrame, str]:
+    """At most MAX_POINTS rows: the largest half by `weight` (called `what` on the page)
+    plus an even sample of the rest."""
     if len(df) <= MAX_POINTS:
         return df, ""
     w = _numeric(df[weight])
@@ -911,11 +998,17 @@ def _cap_points(df: pd.DataFrame, weight: str) -> tuple[pd.DataFrame, str]:
     half = MAX_POINTS // 2
     top = order[:half]
     rest = np.sort(order[half:])
-    step = max(1, len(rest) // (MAX_POINTS - half))
-    keep = np.sort(np.concatenate([top, rest[::step][:MAX_POINTS - half]]))
-    note = (f"Showing {len(keep):,} of {len(df):,} points: the {half:,} largest by "
-            f"{weight} and an even sample of the rest.")
+    keep = np.sort(np.concatenate([top, rest[_even_sample(len(rest), MAX_POINTS - half)]]))
+    note = (f"Showing {len(keep):,} of {len(df):,} points: the {half:,} with the largest "
+            f"{what} and an even sample of the rest.")
     return df.iloc[keep], note
+
+
+def _even_sample(n: int, k: int) -> np.ndarray:
+    """Positions of at most k of n rows, evenly spread (all of them when n <= k)."""
+    if n <= k:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
 
 
 def _stall_ticks(ep: pd.DataFrame) -> dict[str, Any]:
@@ -937,7 +1030,7 @@ def episodes_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
                        "a value to several CPUs).</p>")
         else:
             origin = _origin_ns(f)
-            shown, note = _cap_points(ep, "stall_ns")
+            shown, note = _cap_points(ep, "stall_ns", "stall")
             modes = _col(shown, "mode").astype(str).to_numpy()
             data = []
             for i, mode in enumerate(dict.fromkeys(modes.tolist())):
@@ -1061,14 +1154,21 @@ def isolation_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
                    f"{int(tracer.sum()):,} induced by the tracer itself.</p>")
         if len(v):
             origin = _origin_ns(f)
-            shown, note = _cap_points(v.assign(_w=(~tracer).astype(int)), "_w")
-            st = _tracer_mask(shown)
             data = []
+            notes = []
+            rows_of = {False: "", True: " · tracer"}
             for flag, name, colour, symbol in ((False, "workload", "#D55E00", "circle"),
                                                (True, "tracer-induced", "#999999", "x")):
-                sub = shown[st == flag]
+                sub = v[tracer == flag]
                 if len(sub) == 0:
                     continue
+                # An even sample in time order: density over time stays true.
+                sub = sub.iloc[np.argsort(_numeric(sub["time_ns"]), kind="stable")]
+                keep = _even_sample(len(sub), MAX_POINTS // 2)
+                if len(keep) < len(sub):
+                    notes.append(f"{len(keep):,} of {len(sub):,} {name} violations, evenly "
+                                 "sampled in time")
+                    sub = sub.iloc[keep]
                 custom = np.stack([
                     np.array([esc(x) for x in _col(sub, "func").tolist()], dtype=object),
                     np.array([esc(x) for x in _col(sub, "callsite").tolist()], dtype=object),
@@ -1077,23 +1177,28 @@ def isolation_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
                              dtype=object)], axis=1).tolist()
                 data.append({"type": "scatter", "mode": "markers", "name": name,
                              "x": ((_numeric(sub["time_ns"]) - origin) / 1e6).round(4),
-                             "y": [f"CPU {int(c)}" for c in _numeric(sub["target_cpu"])],
+                             # Tracer-induced ones on a row of their own under their CPU.
+                             "y": [f"CPU {int(c)}{rows_of[flag]}"
+                                   for c in _numeric(sub["target_cpu"])],
                              "customdata": custom,
                              "marker": {"color": colour, "symbol": symbol, "size": 9},
                              "hovertemplate": "t=%{x:.3f} ms on %{y}<br>%{customdata[0]} from "
                                               "%{customdata[1]}<br>sent by %{customdata[2]} "
                                               "on CPU %{customdata[3]}<extra>"
                                               + name + "</extra>"})
-            cats = [f"CPU {c}" for c in f.isolated_cpus] or None
+            has = {flag: bool((tracer == flag).any()) for flag in (False, True)}
+            seen = {int(c) for c in _numeric(v["target_cpu"]) if np.isfinite(c)}
+            cats = [f"CPU {c}{rows_of[flag]}" for c in sorted(set(f.isolated_cpus) | seen)
+                    for flag in (False, True) if has[flag]]
             out.append(page.figure(
                 data, {"title": {"text": "isolation violations per isolated CPU over time"},
                        "xaxis": {"title": {"text": "time since start (ms)"}},
                        "yaxis": {"type": "category", "categoryorder": "array",
-                                 "categoryarray": cats}},
-                height=max(240, 140 + 40 * len(f.isolated_cpus)),
+                                 "categoryarray": cats[::-1], "range": [-0.5, len(cats) - 0.5]}},
+                height=max(240, 140 + 36 * len(cats)),
                 label="isolation violations timeline"))
-            if note:
-                out.append(f'<p class="note">{esc(note)}</p>')
+            if notes:
+                out.append(f'<p class="note">Showing {esc("; ".join(notes))}.</p>')
             cols = [Column("time", "time_ns", numeric=True,
                            fmt=lambda x, o=origin: fmt_ns(_num(x) - o if _num(x) is not None
                                                           else None)),
