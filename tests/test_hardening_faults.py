@@ -30,6 +30,7 @@ from test_record_live import (
     bpftool_prog_ids,
     need_backend,
     our_leftovers,
+    perf_fds_of,
     workload_queue,
 )
 from workload import workload_command, workload_pid
@@ -95,8 +96,43 @@ def held_prog_ids(pid: int) -> set[int]:
         return set()
 
 
+class HeldWatcher:
+    """Every BPF program and perf event the recorder holds, polled from its fds
+    (every 20 ms) until it exits: a signal in the middle of attaching is checked
+    against what had been loaded by then, not only against a snapshot taken later."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.prog_ids: set[int] = set()
+        self.max_perf_fds = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.prog_ids |= bpf_prog_ids_of(self.pid)
+                self.max_perf_fds = max(self.max_perf_fds, perf_fds_of(self.pid))
+            except OSError:  # the process is gone (or its fds are going)
+                pass
+            self._stop.wait(0.02)
+
+    def done(self) -> set[int]:
+        self._stop.set()
+        self._thread.join(10)
+        return self.prog_ids
+
+
 def assert_nothing_attached(pid: int, prog_ids: set[int]) -> None:
     assert our_leftovers(pid) == [], our_leftovers(pid)
+    # bcc's own kprobe_events names (its fallback when the kprobe PMU is missing)
+    root = find_tracefs()
+    for name in ("kprobe_events", "uprobe_events"):
+        path = Path(f"{root}/{name}")
+        if root and path.exists():
+            mine = [ln for ln in path.read_text().splitlines() if f"_bcc_{pid}" in ln]
+            assert mine == [], mine
     if prog_ids:
         assert prog_ids.isdisjoint(bpftool_prog_ids()), "BPF programs still loaded"
 
@@ -146,7 +182,7 @@ def test_signal_at_a_random_moment(backend: str, sig: signal.Signals, phase: str
         out = tmp_path / f"t{trial}.pkstrace"
         rec = start_recorder(out, backend)
         watch = StderrWatcher(rec)
-        prog_ids: set[int] = set()
+        held = HeldWatcher(rec.pid)
         wpid = None
         try:
             if phase == "startup":
@@ -162,7 +198,8 @@ def test_signal_at_a_random_moment(backend: str, sig: signal.Signals, phase: str
                 time.sleep(rng.uniform(0.0, 1.5 if backend == "bcc" else 0.2))
             else:
                 assert watch.wait_for("probes attached", 180), watch.lines
-                prog_ids = held_prog_ids(rec.pid)
+                if backend == "bcc":  # else the check below would be void
+                    assert held_prog_ids(rec.pid), "bcc recorder holds no BPF program"
                 w = subprocess.Popen(workload_command(3000), stdout=subprocess.PIPE, text=True)
                 time.sleep(rng.uniform(0.05, 0.8))
                 if phase == "writeout":
@@ -182,6 +219,9 @@ def test_signal_at_a_random_moment(backend: str, sig: signal.Signals, phase: str
                 rec.kill()
                 rec.wait()
         stderr = watch.text()
+        prog_ids = held.done()
+        print(f"{backend} {sig.name} {phase}: rc {rc}, held {len(prog_ids)} BPF programs, "
+              f"up to {held.max_perf_fds} perf events, trace {out.exists()}")
         assert_clean_exit(rc, stderr)
         assert_nothing_attached(rec.pid, prog_ids)
         trace = assert_valid_or_absent(out, stderr)
