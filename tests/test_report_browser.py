@@ -253,3 +253,137 @@ def test_emulated_lost_updates_table(browser: Any, tmp_path: Path,
     assert len(f.lost_updates) > 0
     rows = o.page.locator("#lost table tbody tr").count()
     assert rows == min(len(f.lost_updates), html.MAX_TABLE_ROWS)
+
+
+# Per figure, as plotly drew it: the tick labels on each log axis, whether a legend is
+# shown, and each heatmap's colour range and x range.
+AXES = """() => Array.from(document.querySelectorAll('div.plot.js-plotly-plot')).map(d => {
+  const fl = d._fullLayout;
+  const ticks = (ax) => Array.from(d.querySelectorAll('g.' + ax + 'tick text'))
+    .map(t => t.textContent).filter(s => s.trim() !== '');
+  return {
+    id: d.id, title: (fl.title && fl.title.text) || '',
+    run: d.closest('.run') ? Array.from(document.querySelectorAll('#' +
+         d.closest('section').id + ' .run')).indexOf(d.closest('.run')) : -1,
+    xlog: fl.xaxis.type === 'log', ylog: fl.yaxis.type === 'log',
+    xticks: ticks('x'), yticks: ticks('y'),
+    legend: d.querySelectorAll('g.legend g.traces').length,
+    heat: d._fullData.filter(t => t.type === 'heatmap').map(t => [t.zmin, t.zmax]),
+    xrange: fl.xaxis.range,
+  };
+})"""
+
+
+def assert_axes_readable(o: Opened) -> list[dict[str, Any]]:
+    """Every log axis shows at least two labelled ticks (one label cannot be read as a
+    scale), and every figure with several traces, or an idle/busy split, has a legend."""
+    figs = o.page.evaluate(AXES)
+    for f in figs:
+        if f["xlog"]:
+            assert len(f["xticks"]) >= 2, (f["title"], f["xticks"])
+        if f["ylog"]:
+            assert len(f["yticks"]) >= 2, (f["title"], f["yticks"])
+        if "idle vs busy" in f["title"]:
+            assert f["legend"] >= 1, f"{f['title']}: no legend says which state"
+    return figs
+
+
+def test_real_recordings_compared_in_numbers(browser: Any, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Two real recordings of this host (ftrace and perf, different runs of the cpuid
+    workload): the comparison states their differences as the analysis counts them,
+    the idle/busy split is in numbers, and the axes can be read."""
+    from pkstrace.analysis import analyse
+    from pkstrace.importers import open_trace
+
+    a_path, b_path = FIXTURES / "ftrace_cpuid_2cpu.txt", FIXTURES / "perf_script_cpuid_2cpu.txt"
+    out = tmp_path / "two-real.html"
+    assert cli.main(["report", str(a_path), str(b_path), "-o", str(out)]) == 0, \
+        capsys.readouterr().err
+    o = open_report(browser, out, tmp_path / "report-two-real.png")
+    assert_clean(o)
+    assert_all_drawn(o)
+    assert_axes_readable(o)
+    a, b = analyse(open_trace(a_path)), analyse(open_trace(b_path))
+    ra, rb = a.cross_cpu_summary["remote"], b.cross_cpu_summary["remote"]
+    assert ra != rb
+    text = o.page.locator("#compare").inner_text()
+    d = rb - ra
+    assert (f"remote cross-CPU calls: {ra:,} → {rb:,} "
+            f"({'+' if d > 0 else '−'}{abs(d):,}, {'+' if d > 0 else '−'}"
+            f"{abs(d) / ra * 100:.0f}%)") in text
+    p99a, p99b = (html.fmt_ns(x.cross_cpu_summary["p99_ns"]) for x in (a, b))
+    rows = o.page.locator("#diff-table tbody tr").all_inner_texts()
+    row = next(r for r in rows if r.startswith("call latency p99"))
+    assert f"\t{p99a}\t{p99b}\t{p99a} → {p99b} (" in row, row
+    lat = o.page.locator("#latency .run")
+    for i, f in enumerate((a, b)):
+        s = f.cross_cpu_summary
+        t = lat.nth(i).inner_text()
+        if s["count_idle"]:
+            assert f"target idle: {s['count_idle']:,} calls, p50 " \
+                   f"{html.fmt_ns(s['p50_idle_ns'])}" in t
+        if s["count_busy"]:
+            assert f"target busy: {s['count_busy']:,} calls, p50 " \
+                   f"{html.fmt_ns(s['p50_busy_ns'])}" in t
+
+
+def test_comparison_heatmaps_share_scales(browser: Any, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """v3 vs lazy (emulated host, 958 ms vs 392 ms recorded): each heatmap pair has one
+    bin width, one time axis and one colour range, so a colour means the same rate on
+    both sides; the episodes' stall axis (1.1-3.5 ms) has readable ticks."""
+    out = tmp_path / "v3-vs-lazy.html"
+    assert cli.main(["report", str(FIXTURES / "emulated_v3_8cpu.pkstrace"),
+                     str(FIXTURES / "emulated_lazy_8cpu.pkstrace"), "-o", str(out)]) == 0, \
+        capsys.readouterr().err
+    o = open_report(browser, out)
+    assert_clean(o)
+    figs = assert_axes_readable(o)
+    heat = [f for f in figs if f["heat"]]
+    pairs: dict[str, list[dict[str, Any]]] = {}
+    for f in heat:
+        pairs.setdefault(f["title"].split(" per CPU")[0], []).append(f)
+    both = {k: v for k, v in pairs.items() if len(v) == 2}
+    assert {"MSR writes", "cross-CPU calls arriving"} <= set(both), list(pairs)
+    for name, (fa, fb) in both.items():
+        assert {fa["run"], fb["run"]} == {0, 1}, name
+        assert fa["heat"] == fb["heat"], name
+        assert fa["xrange"] == pytest.approx(fb["xrange"]), name
+        bin_a = fa["title"].rsplit("bin ", 1)[1]
+        assert bin_a == fb["title"].rsplit("bin ", 1)[1], name
+    stall = next(f for f in figs if f["title"].startswith("global-update episodes"))
+    assert len(stall["yticks"]) >= 2, stall["yticks"]
+
+
+def test_keyboard_order_and_visible_focus(browser: Any, synthetic_reports: dict[str, Path]
+                                          ) -> None:
+    """Tab starts at the skip link, then the views' links in page order, then the
+    tables' headers; every focused element shows a focus ring; j/k move between views."""
+    o = open_report(browser, synthetic_reports["two"])
+    page = o.page
+    focus = """() => { const e = document.activeElement; const s = getComputedStyle(e);
+      return {tag: e.tagName, text: e.textContent.trim().slice(0, 40),
+              href: e.getAttribute('href'), outline: s.outlineStyle,
+              width: parseFloat(s.outlineWidth), deco: s.textDecorationLine}; }"""
+    seen = []
+    for _ in range(40):
+        page.keyboard.press("Tab")
+        f = page.evaluate(focus)
+        seen.append(f)
+        assert f["outline"] != "none" and f["width"] > 0 or "underline" in f["deco"], f
+        if f["tag"] == "TH":
+            break
+    assert seen[0]["href"] == "#main"
+    nav = [f["href"] for f in seen[1:] if f["tag"] == "A"][:len(html.NAV)]
+    assert nav == [f"#{k}" for k, _ in html.NAV]
+    assert seen[-1]["tag"] == "TH", "no table header reached with Tab"
+    # j / k: next / previous view, its heading focused.
+    page.locator("body").click(position={"x": 5, "y": 5})
+    page.keyboard.press("j")
+    page.keyboard.press("j")
+    got = page.evaluate("document.activeElement.id")
+    page.keyboard.press("k")
+    back = page.evaluate("document.activeElement.id")
+    assert got.endswith("-h") and back.endswith("-h") and got != back
+    assert_clean(o)
