@@ -219,3 +219,46 @@ def test_cli_bad_calibration(capsys: pytest.CaptureFixture[str], tmp_path: Path)
                       "-o", str(tmp_path / "x.html"))
     assert rc == 2 and "calibration" in err and err.strip().count("\n") == 0
     assert not (tmp_path / "x.html").exists()
+
+
+def test_cli_calibration_from_bench_ipi(capsys: pytest.CaptureFixture[str],
+                                        tmp_path: Path) -> None:
+    """A calibration measured here by `pkstrace bench ipi` (real cpuid cross-CPU calls)
+    projects the emulated v3 trace's stall: its serial and broadcast lines are drawn
+    beside the trace's own, with the figures the analysis computed from that file."""
+    import os
+    import subprocess
+    import sys
+
+    from pkstrace.analysis import analyse
+    from pkstrace.analysis.projection import load_calibration
+    from pkstrace.importers import open_trace
+
+    if os.geteuid() != 0:
+        pytest.skip("bench ipi needs root to open /dev/cpu/N/cpuid")
+    if not os.path.exists("/dev/cpu/1/cpuid"):
+        pytest.skip("bench ipi needs /dev/cpu/1/cpuid (CONFIG_X86_CPUID, a second CPU)")
+    calib = tmp_path / "calib.json"
+    res = subprocess.run([sys.executable, "-m", "pkstrace", "bench", "ipi", "--cpus", "0-1",
+                          "-n", "40", "--warmup", "5", "-o", str(calib), "-q"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    src = Path(__file__).parent / "fixtures" / "emulated_v3_8cpu.pkstrace"
+    out = tmp_path / "calib.html"
+    rc, _, err = _run(capsys, "report", str(src), "--calibration", str(calib), "-o", str(out))
+    assert rc == 0, err
+    page = out.read_text()
+    proj = next(f for f in _figures(page).values()
+                if "projected" in f["layout"]["title"]["text"])
+    lines = {d["name"]: d for d in proj["data"]}
+    assert {"serial (trace)", "serial (calibration)", "broadcast (calibration)"} <= set(lines)
+    f = analyse(open_trace(src), calibration=load_calibration(str(calib)))
+    pr = f.projection[f.projection["source"] == "calibration"]
+    for design in ("serial", "broadcast"):
+        rows = pr[pr["design"] == design].sort_values("cpus")
+        assert {64, 256, 1024} <= set(rows["cpus"])
+        line = lines[f"{design} (calibration)"]
+        assert line["x"] == rows["cpus"].tolist()
+        assert line["y"] == pytest.approx((rows["p99_stall_ns"] / 1e3).round(3).tolist())
+    # The table beside the figure says where each row comes from.
+    assert page.count("<td>calibration</td>") == len(pr)
