@@ -144,6 +144,21 @@ def test_guest_stream_metadata_and_torn_results(tmp_path: Path) -> None:
     assert "counters" not in r
 
 
+def test_guest_stage_says_where_a_stopped_guest_got_to() -> None:
+    from pkstrace.emulate.scenarios import guest_stage, last_console_line
+
+    assert guest_stage({"errors": []}).startswith("booting the kernel")
+    assert guest_stage({"errors": [], "facts": {}}) == "attaching the recorder's probes"
+    assert guest_stage({"errors": [], "facts": {}, "recording": {}}).startswith(
+        "running the scenario")
+    assert guest_stage({"errors": [], "facts": {}, "recording": {}, "ran": {},
+                        "counters": {}}).startswith("removing the recorder's probes")
+    console = ("\x1bc\x1b[?7l\x1b[2J\x1b[0mSeaBIOS (version 1.16.2)\nBooting from ROM...\n"
+               "\x1bc\x1b[?7l\x1b[2J\n\n")
+    assert last_console_line(console) == "Booting from ROM..."
+    assert last_console_line("") == ""
+
+
 # --- committed traces of each scenario (recorded by `pkstrace emulate`) ----------
 
 FIXTURE_SCENARIOS = ["v3_8cpu", "v3-race_8cpu", "broadcast_8cpu", "lazy_8cpu",
@@ -225,6 +240,11 @@ def test_v3_race_lost_updates_detected_as_many_as_counted() -> None:
     gt = trace.meta.ground_truth
     assert gt["lost_updates"] > 0
     assert len(f.lost_updates) == gt["lost_updates"]
+    # every writer's CPU lost updates, each as many as the module counted there
+    per_cpu = {c["cpu"]: c["stale_hits"] + c["lost_remote"] for c in gt["per_cpu"]
+               if c["stale_hits"] + c["lost_remote"]}
+    assert set(per_cpu) == {5, 6, 7}  # the writers: isolated CPUs first, then the highest
+    assert f.lost_updates.groupby("cpu").size().to_dict() == per_cpu
 
 
 def test_v3_raw_is_a_kernel_bug_and_keeps_what_was_recorded() -> None:
@@ -278,6 +298,31 @@ def test_boot_v3_4cpu_one_isolated_and_analyse(tmp_path: Path) -> None:
     # the summary the command printed is the replay summary of this trace
     assert p.stdout.strip()
     json.dumps(meta.to_json())  # metadata stays JSON
+
+
+@pytest.mark.emulated
+def test_guest_past_its_timeout_is_stopped_and_reported(tmp_path: Path) -> None:
+    """A guest that does not finish in time (a hang) is a result: QEMU is stopped at
+    --timeout, the console log is kept beside a (partial) trace, the outcome and how
+    far the guest got are reported, and the exit status is 1. A real boot, stopped
+    long before a TCG guest can finish (about 20 s on this 2-core host)."""
+    out = tmp_path / "hang.pkstrace"
+    p = subprocess.run([*PKSTRACE, "emulate", "--cpus", "2", "--scenario", "v3",
+                        "--timeout", "8", "-o", str(out), "-q"],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "guest outcome timeout (expected ok)" in p.stderr
+    assert "no module counters (the guest did not finish)" in p.stderr
+    assert "guest did not finish within 8 s and was stopped" in p.stderr
+    assert "note: guest stopped while " in p.stderr and "last console line: " in p.stderr
+    console = out.with_name(out.name + ".console.log")
+    assert "SeaBIOS" in console.read_text(errors="replace")  # what the guest printed
+    meta = tracefile.read_meta(out)
+    assert meta.partial and meta.scenario["status"] == "timeout"
+    assert meta.ground_truth == {"complete": False, "updates_logged": 0}
+    assert any(n.startswith("guest stopped while ") for n in meta.notes)
+    # the guest was really stopped: its boot took about the timeout, not a full run
+    assert meta.scenario["boot_wall_s"] < 8 + 10
 
 
 def test_kernel_option_accepts_a_bzimage_and_finds_its_headers() -> None:

@@ -64,10 +64,13 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "between updates. Expect: remote calls = updates x (cpus-1), every isolated "
              "CPU hit by every update, drift in every update.", "ok"),
     Scenario("v3-race", "v3 with local writers running during the walk: lost updates",
-             "As v3, but the writer threads call write_pkrs() continuously while the walk "
-             "stores into their caches and rewrites their MSRs. Cache and MSR diverge; the "
-             "module counts stale cache hits and remote writes overwritten mid-call, the "
-             "analysis must find as many.", "ok"),
+             "As v3, but the writer threads switch between two PKRS values (as context "
+             "switches would) while the walk stores into their caches; the IPI after a "
+             "store into a writer's cache waits (at most 5 ms) until that writer has hit "
+             "the new value in its cache while its MSR still held its other value. Cache "
+             "and MSR diverge: about one lost update per writer CPU per update. The module "
+             "counts stale cache hits and remote writes overwritten mid-call, the analysis "
+             "must find as many.", "ok"),
     Scenario("v3-raw", "v3 without headroom: the preempt count goes negative (BUG/panic)",
              "The v3 walk exactly as reviewed, with no compensation: the caller's preempt "
              "count goes negative. Measured on 6.12 under TCG: 'BUG: scheduling while "
@@ -321,6 +324,39 @@ def stream_meta(text: str) -> dict[str, Any]:
     return meta
 
 
+# What the guest driver reports, in order (guest.py), and what the guest was doing
+# once it had reported each: where a guest that hung or crashed got to.
+GUEST_STAGES: tuple[tuple[str, str], ...] = (
+    ("", "booting the kernel or starting the guest driver (no report from the guest)"),
+    ("facts", "attaching the recorder's probes"),
+    ("recording", "running the scenario (probes attached, no counters yet)"),
+    ("ran", "reading the module's counters after the scenario"),
+    ("counters", "removing the recorder's probes after the scenario"),
+    ("done", "powering off after the run"),
+)
+
+
+def guest_stage(results: dict[str, Any]) -> str:
+    """What the guest was doing when it stopped, from its last report (read_results)."""
+    stage = GUEST_STAGES[0][1]
+    for kind, doing in GUEST_STAGES[1:]:
+        if kind in results:
+            stage = doing
+    return stage
+
+
+_ANSI_RE = re.compile(r"\x1b(?:\[[0-9;?]*[A-Za-z]|c)")  # SeaBIOS clears the screen
+
+
+def last_console_line(console: str) -> str:
+    """The console's last non-empty line, shortened (what the guest said last)."""
+    for line in reversed(console.splitlines()):
+        line = _ANSI_RE.sub("", line).strip()
+        if line:
+            return line if len(line) <= 160 else line[:157] + "..."
+    return ""
+
+
 def panic_progress(console: str) -> list[str]:
     """The module's per-update console lines (what got done before a panic)."""
     return re.findall(r"pks_test: update \d+ [^\n]*done", console)
@@ -418,6 +454,9 @@ def build_trace(work: Path, output: Path, force: bool = False,
     notes += [f"guest driver: {e}" for e in results["errors"]]
     if status == "timeout":
         notes.append(f"guest did not finish within {record['timeout_s']:.0f} s and was stopped")
+    if status not in ("ok", "bug"):
+        notes.append(f"guest stopped while {guest_stage(results)}; its last console line: "
+                     f"{last_console_line(console_text) or '(none)'}")
     elif status == "stall":
         notes.append("guest stalled while the tracer attached or removed its probes "
                      "(every attempt) and was stopped")

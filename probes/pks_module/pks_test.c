@@ -18,8 +18,9 @@
  *                "headroom" that the imbalance then eats: the depth still
  *                falls by one per CPU walked, but never goes negative.
  *   v3-race      the same, with the writers running during the walk, so the
- *                unsynchronised remote cache stores race with local writes
- *                (race_delay_us between a store and its IPI widens the window).
+ *                unsynchronised remote cache stores race with local writes:
+ *                the IPI after a store into a writer's CPU is held back until
+ *                that writer has hit the stale cache, at most race_delay_us.
  *   v3-raw       the v3 walk with no headroom: the preempt count goes
  *                negative. On 6.12 under TCG that is "BUG: scheduling while
  *                atomic" at the updater's next sleep, once per update; a walk
@@ -89,9 +90,9 @@ module_param(threads, int, 0444);
 MODULE_PARM_DESC(threads, "writer kthreads (isolated CPUs first, then the highest others)");
 static int updater_cpu;
 module_param(updater_cpu, int, 0444);
-static int race_delay_us = 300;
+static int race_delay_us = 5000;
 module_param(race_delay_us, int, 0444);
-MODULE_PARM_DESC(race_delay_us, "v3-race: delay between a remote cache store and its IPI");
+MODULE_PARM_DESC(race_delay_us, "v3-race: longest hold of the IPI after a store into a writer's cache");
 MODULE_PARM_DESC(updater_cpu, "CPU the global updates are issued from");
 
 static enum design design;
@@ -251,10 +252,27 @@ static void count_call(int cpu, int self)
 
 /*
  * v3-race widens the window between the remote cache store and the IPI that
- * writes the MSR (a real IPI takes 3-100 us to land; under TCG it is often
- * quicker): a writer on that CPU now reliably finds the new value in its cache
- * while its MSR still holds the old one.
+ * writes the MSR (a real IPI takes 3-100 us to land) until the writer on that
+ * CPU has found the new value in its cache while its MSR still holds the old
+ * one (a stale hit), or race_delay_us passed. A fixed 300 us delay caught the
+ * writers in 0-3 of 30 windows per run under TCG: on a busy host a writer
+ * vCPU's 200 us nap took milliseconds, and the window closed before it woke.
  */
+static void v3_race_window(int cpu)
+{
+	struct pks_stats *st = per_cpu_ptr(&pks_stats, cpu);
+	u64 stale_before = READ_ONCE(st->stale_hits);
+	int waited_us;
+
+	if (!cpumask_test_cpu(cpu, &writer_mask))
+		return;		/* nobody there to race with */
+	for (waited_us = 0; waited_us < race_delay_us; waited_us += 10) {
+		if (READ_ONCE(st->stale_hits) != stale_before)
+			return;
+		udelay(10);
+	}
+}
+
 /* preempt_count() as a signed number: x86 keeps PREEMPT_NEED_RESCHED in bit 31 */
 static long preempt_count_signed(void)
 {
@@ -275,7 +293,7 @@ static void v3_walk(u32 new, bool headroom)
 		*p = new;	/* unsynchronised store into another CPU's cache */
 		put_cpu_ptr(p);	/* the reviewed imbalance: no matching get */
 		if (design == D_V3_RACE && cpu != self)
-			udelay(race_delay_us);
+			v3_race_window(cpu);
 		count_call(cpu, self);
 		wrmsrl_on_cpu(cpu, MSR_IA32_PKRS_NR, new);
 	}
@@ -349,6 +367,21 @@ static void writer_round(void)
 }
 
 /*
+ * v3-race: two "threads" take turns on the writer's CPU, as context switches
+ * would: one with its own PKRS (pkey 15 access-disabled) that runs most of the
+ * time (the nap), and one with the global value, switched in briefly. While the
+ * first runs the MSR holds its value, so a remote store of a new global value
+ * into the cache makes the second's write_pkrs() a cache hit on a stale MSR.
+ */
+static void race_round(void)
+{
+	u32 base = READ_ONCE(global_pkrs);
+
+	write_pkrs(base);
+	write_pkrs(base ^ WRITER_BITS);
+}
+
+/*
  * Writers poll with a short sleep on a timer pinned to their own CPU. A writer
  * woken by another CPU would take an IPI, and on an isolated CPU the tracer
  * would rightly call that an isolation violation the design did not cause; a
@@ -379,7 +412,7 @@ static int writer_fn(void *unused)
 			while (!atomic_read(&race_stop) && !kthread_should_stop()) {
 				/* nap between rounds: a spinning vCPU slows the whole TCG guest */
 				if (atomic_read(&race_window))
-					writer_round();
+					race_round();
 				writer_nap();
 			}
 		} else {
