@@ -10,7 +10,11 @@ Measured, per size:
 - the split: read + analyse vs render (HTML) vs write, in a separate child;
 - the HTML file's size, and how much of it is plotly.js (embedded once) vs data;
 - for sizes up to 1 M: the Perfetto export's wall time and size (a timeline JSON
-  grows with the events; it is not aggregated).
+  grows with the events; it is not aggregated);
+- how fast the page opens: in Debian's headless Chromium (the browser the tests
+  use), a fresh page per run, the time from navigation to the load event and to
+  every figure drawn by plotly (the tests' own "drawn" condition), with the
+  1-minute load average around the runs.
 
     .venv/bin/python benchmarks/bench_report.py            # 1 M and 10 M, 3 runs each
     .venv/bin/python benchmarks/bench_report.py --smoke    # 200 k events, 1 run
@@ -81,6 +85,51 @@ def _split_child(path: str, out: str) -> None:
                       "violations": len(findings.violations)}))
 
 
+CHROMIUM = "/usr/bin/chromium"
+# The tests' condition for "every figure drawn" (tests/test_report_browser.py).
+ALL_DRAWN = ("document.querySelectorAll('div.plot').length === "
+             "document.querySelectorAll('div.plot.js-plotly-plot').length")
+
+
+def browser_open_times(page_path: Path, runs: int) -> dict[str, Any]:
+    """Open the report in headless Chromium `runs` times (a fresh context each time, so
+    nothing is cached): seconds to the load event and to every figure drawn."""
+    if not os.path.exists(CHROMIUM):
+        return {"skipped": f"{CHROMIUM} not installed (Debian's chromium package)"}
+    from playwright.sync_api import sync_playwright
+
+    samples = []
+    load = [round(os.getloadavg()[0], 2)]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM,
+                                    args=["--no-sandbox", "--disable-gpu"])
+        try:
+            for _ in range(runs):
+                ctx = browser.new_context(viewport={"width": 1400, "height": 900})
+                page = ctx.new_page()
+                errors: list[str] = []
+                page.on("pageerror", lambda e, errors=errors: errors.append(str(e)))
+                t0 = time.perf_counter()
+                page.goto(page_path.as_uri(), wait_until="load", timeout=300_000)
+                t_load = time.perf_counter() - t0
+                page.wait_for_function(ALL_DRAWN, timeout=300_000, polling=50)
+                t_drawn = time.perf_counter() - t0
+                figures = page.evaluate("document.querySelectorAll('div.plot').length")
+                ctx.close()
+                if errors:
+                    raise SystemExit(f"bench_report: the page raised: {errors[0]}")
+                samples.append({"load_event_s": round(t_load, 3),
+                                "all_figures_drawn_s": round(t_drawn, 3),
+                                "figures": figures})
+        finally:
+            browser.close()
+    load.append(round(os.getloadavg()[0], 2))
+    return {"browser": CHROMIUM, "runs": samples, "load_avg_1m": load,
+            "load_event_s_median": round(_median([r["load_event_s"] for r in samples]), 3),
+            "all_figures_drawn_s_median":
+                round(_median([r["all_figures_drawn_s"] for r in samples]), 3)}
+
+
 def _median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
@@ -112,8 +161,10 @@ def main() -> int:
     for n in sizes:
         path, built = bootstrap_trace(work, n)
         out = work / f"report-{n}.html"
+        load_before = round(os.getloadavg()[0], 2)
         e2e = [_run_child([str(EXE), "report", str(path), "--isolated", ISOLATED,
                            "-o", str(out), "--force"]) for _ in range(runs)]
+        load_after = round(os.getloadavg()[0], 2)
         size = out.stat().st_size
         splits = []
         for _ in range(runs):
@@ -127,6 +178,7 @@ def main() -> int:
             "events": n, "trace_file_bytes": path.stat().st_size, "runs": runs,
             "build_s": round(built, 2) if built is not None else None,
             "report_wall_s_median": round(_median([r["wall_s"] for r in e2e]), 3),
+            "report_load_avg_1m": [load_before, load_after],
             "report_peak_rss_bytes": max(r["peak_rss_bytes"] for r in e2e),
             "html_bytes": size,
             "plotly_js_bytes": splits[0]["plotly_js_bytes"],
@@ -143,11 +195,14 @@ def main() -> int:
             res["perfetto_wall_s_median"] = round(_median([r["wall_s"] for r in pr]), 3)
             res["perfetto_bytes"] = pj.stat().st_size
             pj.unlink()
+        res["browser_open"] = browser_open_times(out, runs)
         results.append(res)
         print(f"bench_report: {n:>11,} events: report {res['report_wall_s_median']:.2f}s "
               f"(render {split_med['render_s']:.2f}s), {size / 1e6:.2f} MB "
               f"({res['data_bytes'] / 1e6:.2f} MB data), peak RSS "
-              f"{res['report_peak_rss_bytes'] / (1 << 30):.2f} GiB", file=sys.stderr, flush=True)
+              f"{res['report_peak_rss_bytes'] / (1 << 30):.2f} GiB; opens in Chromium: "
+              f"{res['browser_open'].get('all_figures_drawn_s_median', '-')} s to all "
+              "figures drawn", file=sys.stderr, flush=True)
     at_target = [r for r in results if r["events"] >= TARGET_EVENTS]
     if at_target:
         r = at_target[0]
@@ -172,7 +227,8 @@ def main() -> int:
         "smoke": bool(args.smoke),
         "results": results,
         "targets": targets,
-        "note": "wall clock on a shared 2-core machine: medians of the runs",
+        "note": "wall clock on a shared 2-core machine: medians of the runs; "
+                "load_avg_1m pairs are the 1-minute load average before and after",
     }
     out_dir = Path(os.environ.get("PKSTRACE_BENCH_RESULTS", ROOT / "benchmarks/results"))
     write_json_atomic(out_dir / "report.json", doc)
