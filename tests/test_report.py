@@ -262,3 +262,42 @@ def test_cli_calibration_from_bench_ipi(capsys: pytest.CaptureFixture[str],
         assert line["y"] == pytest.approx((rows["p99_stall_ns"] / 1e3).round(3).tolist())
     # The table beside the figure says where each row comes from.
     assert page.count("<td>calibration</td>") == len(pr)
+
+
+def test_isolation_timeline_samples_evenly_and_keeps_tracer_apart() -> None:
+    """10,000 workload violations spread over 500 ms and 3,000 tracer-induced ones while
+    probes attach (first 50 ms): the figure keeps at most MAX_POINTS/2 of each, spread
+    like the data (not the first ones in time), tracer-induced on rows of their own."""
+    import pandas as pd
+
+    from pkstrace.analysis import findings as fd
+
+    f = synth_findings("v3")
+    start = f.trace["window"]["start_ns"]
+    rng = np.random.default_rng(5)
+    n_work, n_tracer = 10_000, 3_000
+    t = np.concatenate([np.sort(rng.integers(start, start + 500_000_000, n_work)),
+                        np.sort(rng.integers(start, start + 50_000_000, n_tracer))])
+    tracer = np.r_[np.zeros(n_work, bool), np.ones(n_tracer, bool)]
+    f.violations = pd.DataFrame({
+        "time_ns": t, "source_cpu": 0, "target_cpu": rng.choice([6, 7], len(t)),
+        "func": np.where(tracer, "do_sync_core", "__wrmsr_on_cpu"),
+        "callsite": "generic_exec_single+0x33", "comm": "pks_updater", "pid": 194,
+        "tracer_induced": tracer, "via": "csd"})[fd.VIOLATION_COLUMNS]
+    page = html.render([("many", f)])
+    fig = next(v for v in _figures(page).values()
+               if v["layout"]["title"]["text"].startswith("isolation violations"))
+    by_name = {d["name"]: d for d in fig["data"]}
+    work, trc = by_name["workload"], by_name["tracer-induced"]
+    assert len(work["x"]) <= html.MAX_POINTS // 2 and len(trc["x"]) <= html.MAX_POINTS // 2
+    # Spread like the data: the workload's median time stays near 250 ms.
+    assert abs(float(np.median(work["x"])) - 250) < 25, np.median(work["x"])
+    assert max(work["x"]) > 490
+    assert set(work["y"]) == {"CPU 6", "CPU 7"}
+    assert set(trc["y"]) == {"CPU 6 · tracer", "CPU 7 · tracer"}
+    assert set(fig["layout"]["yaxis"]["categoryarray"]) == \
+        {"CPU 6", "CPU 7", "CPU 6 · tracer", "CPU 7 · tracer"}
+    assert "Showing 2,000 of 10,000 workload violations, evenly sampled in time; " \
+           "2,000 of 3,000 tracer-induced violations, evenly sampled in time." in page
+    assert "largest by _w" not in page
+    assert "(earliest time first)" in page
