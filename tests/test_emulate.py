@@ -277,7 +277,8 @@ def test_boot_v3_4cpu_one_isolated_and_analyse(tmp_path: Path) -> None:
     """Boots Debian's kernel under QEMU for real (downloads it on first use)."""
     out = tmp_path / "v3.pkstrace"
     p = subprocess.run([*PKSTRACE, "emulate", "--cpus", "4", "--isolated", "3",
-                        "--scenario", "v3", "--iterations", "5", "-o", str(out)],
+                        "--scenario", "v3", "--iterations", "5", "--threads", "2",
+                        "-o", str(out)],
                        capture_output=True, text=True, timeout=1500, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "guest outcome ok (expected ok)" in p.stderr
@@ -294,6 +295,11 @@ def test_boot_v3_4cpu_one_isolated_and_analyse(tmp_path: Path) -> None:
     assert ((ev["kind"].astype(str) == "msr_write") & (ev["msr"] == 0x6E1)).sum() > 0
     assert_matches_module(trace, f)
     assert len(design_calls(f)) == 5 * 3
+    # --iterations and --threads reach the module: 5 updates; 2 writers, the isolated
+    # CPU first, then the highest other; write_pkrs runs on those CPUs only
+    gt = meta.ground_truth
+    assert gt["updates"] == 5 and gt["writers"] == 2 and gt["writer_cpus"] == "2-3"
+    assert set(f.write_pkrs.loc[f.write_pkrs["calls"] > 0, "cpu"]) == {2, 3}
     assert (out.parent / (out.name + ".console.log")).exists()
     # the summary the command printed is the replay summary of this trace
     assert p.stdout.strip()
@@ -341,6 +347,34 @@ def test_kernel_option_accepts_a_bzimage_and_finds_its_headers() -> None:
         assert from_deb.headers == k.headers
     with pytest.raises(kernel.EmulateError, match="neither a .deb nor an x86 bzImage"):
         kernel.kernel_from_path(FIXTURES / "ftrace_cpuid_2cpu.txt")
+
+
+def test_kernel_apt_cannot_fetch_falls_back_to_the_cached_one(tmp_path: Path,
+                                                              monkeypatch) -> None:  # noqa: ANN001
+    """apt's lists name a version the archive does not have (lists older than the
+    archive, or offline): the newest cached kernel is used and the reason said; with
+    nothing cached it is a one-line error that says what to do. apt-get download runs
+    for real; only the version apt's lists would name is chosen here."""
+    from pkstrace.emulate import kernel
+
+    if shutil.which("apt-get") is None:
+        pytest.skip("needs apt-get (Debian) to download kernel packages")
+    real = kernel.ensure_debian_kernel(log=lambda _m: None)  # cached after the first run
+    abi = real.release.removesuffix(f"-{kernel.FLAVOUR}")
+    monkeypatch.setattr(kernel, "resolve_version", lambda: "6.12.9999+deb12")
+    monkeypatch.setenv("PKSTRACE_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(kernel.EmulateError, match=r"apt-get download -q failed: .*"
+                       r"\(apt's package lists may be out of date: apt-get update\)"):
+        kernel.ensure_debian_kernel(log=lambda _m: None)
+    cache = tmp_path / "cache"
+    (cache / "kernel").mkdir(parents=True)
+    (cache / "kernel" / abi).symlink_to(real.vmlinuz.parents[1])  # the unpacked package
+    monkeypatch.setenv("PKSTRACE_CACHE", str(cache))
+    said: list[str] = []
+    k = kernel.ensure_debian_kernel(log=said.append)
+    assert k.release == real.release and k.vmlinuz.is_file() and k.buildable
+    assert any("downloading linux-image-6.12.9999+deb12" in m for m in said)
+    assert any(f"using the cached {abi}" in m and "apt-get update" in m for m in said), said
 
 
 @pytest.mark.emulated

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,19 +91,40 @@ def _packages(abi: str) -> list[str]:
     ]
 
 
-def ensure_debian_kernel(abi: str | None = None, log=print) -> GuestKernel:
-    """Download (once) and unpack Debian's kernel image, headers and kbuild."""
+def cached_versions() -> list[str]:
+    """ABI names of the Debian kernels already unpacked in the cache, oldest first."""
     root = cache_dir() / "kernel"
-    if abi is None:
-        cached = sorted((p.name for p in root.glob(f"{SERIES}.*") if (p / ".done").exists()),
-                        key=_version_key)
-        try:
-            abi = resolve_version()
-        except EmulateError:
-            if not cached:
-                raise
-            abi = cached[-1]  # offline: the newest one we already have
-    dest = root / abi
+    return sorted((p.name for p in root.glob(f"{SERIES}.*") if (p / ".done").exists()),
+                  key=_version_key)
+
+
+def ensure_debian_kernel(abi: str | None = None, log=print) -> GuestKernel:
+    """Download (once) and unpack Debian's kernel image, headers and kbuild.
+
+    Without ``abi``: the newest version apt knows. Where that one cannot be fetched
+    (offline, or apt's lists name a version the archive has dropped) and an older
+    one is cached, the cached one is used and the reason logged.
+    """
+    if abi is not None:
+        return _install(abi, log)
+    cached = cached_versions()
+    try:
+        abi = resolve_version()
+    except EmulateError:
+        if not cached:
+            raise
+        return _install(cached[-1], log)  # offline: the newest one we already have
+    try:
+        return _install(abi, log)
+    except EmulateError as e:
+        if not cached or abi in cached:
+            raise
+        log(f"emulate: {e}; using the cached {cached[-1]}")
+        return _install(cached[-1], log)
+
+
+def _install(abi: str, log: Callable[[str], None]) -> GuestKernel:
+    dest = cache_dir() / "kernel" / abi
     release = f"{abi}-{FLAVOUR}"
     if not (dest / ".done").exists():
         debs = cache_dir() / "debs"
@@ -111,8 +133,12 @@ def ensure_debian_kernel(abi: str | None = None, log=print) -> GuestKernel:
         missing = [p for p in pkgs if not list(debs.glob(f"{p}_*.deb"))]
         if missing:
             log(f"emulate: downloading {', '.join(missing)} (once; cached in {debs})")
-            _run(["apt-get", "download", "-q", *missing], cwd=debs)
-        tmp = root / f".{abi}.tmp"
+            try:
+                _run(["apt-get", "download", "-q", *missing], cwd=debs)
+            except EmulateError as e:
+                raise EmulateError(f"{e} (apt's package lists may be out of date: "
+                                   "apt-get update)") from None
+        tmp = dest.parent / f".{abi}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for p in pkgs:
