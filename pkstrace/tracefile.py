@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import stat
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -273,17 +274,30 @@ class TraceWriter:
         if len(events) == 0:
             return
         table = _table(events)
-        room = self._room()
-        if room is not None and table.nbytes > room:
-            # Keep what fits (Arrow's size over-estimates the compressed one), then stop.
-            k = int(len(table) * room / table.nbytes) if room > 0 else 0
-            if k > 0:
-                self._write_table(table.slice(0, k))
-            raise DiskFullError(
-                f"output file system of {self.path} is nearly full ({room >> 10} KiB left "
-                f"besides {self._reserve() >> 10} KiB kept for the footer): stopped writing, "
-                f"{len(table) - k} events not written")
-        self._write_table(table)
+        total = len(table)
+        for _ in range(16):  # each round writes a part that surely fits, then measures
+            room, limit = self._room()
+            if room is None or self._need(table) <= room:
+                self._write_table(table)
+                return
+            k = int(len(table) * room / self._need(table)) if room > 0 else 0
+            if k == 0:
+                break
+            self._write_table(table.slice(0, k))
+            table = table.slice(k)
+        where = (f"output file system of {self.path} is nearly full" if limit is None else
+                 f"{self.path} is near the file size limit ({limit >> 10} KiB, ulimit -f)")
+        raise DiskFullError(
+            f"{where} ({max(room or 0, 0) >> 10} KiB left besides {self._reserve() >> 10} KiB "
+            f"kept for the footer): stopped writing, {len(table)} of the last {total} events "
+            "not written")
+
+    def _need(self, table: pa.Table) -> int:
+        """Bytes ``table`` may take in the file: Arrow's size (far above the compressed
+        one) until rows were written, then twice the compressed bytes per row so far."""
+        if not self.rows:
+            return table.nbytes
+        return min(table.nbytes, 2 * len(table) * self._file.tell() // self.rows + 4096)
 
     def _write_table(self, table: pa.Table) -> None:
         assert self._writer is not None
@@ -298,13 +312,23 @@ class TraceWriter:
     def _reserve(self) -> int:
         return FOOTER_RESERVE_BYTES + FOOTER_BYTES_PER_ROW_GROUP * (self._row_groups + 1)
 
-    def _room(self) -> int | None:
-        """Bytes that batches may still use on the output file system (None: unknown)."""
+    def _room(self) -> tuple[int | None, int | None]:
+        """Bytes that batches may still use (None: unknown), and the file size limit
+        when that, not the file system's free space, is what bounds them."""
+        room = None
         try:
             st = os.statvfs(os.path.dirname(self._tmp) or ".")
+            room = st.f_bavail * st.f_frsize - self._reserve()
         except OSError:
-            return None
-        return st.f_bavail * st.f_frsize - self._reserve()
+            pass
+        # RLIMIT_FSIZE: past it a write fails with EFBIG (Python ignores SIGXFSZ) in the
+        # middle of a row group, which leaves a file without a footer: check it as free space.
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            left = limit - self._file.tell() - self._reserve()
+            if room is None or left < room:
+                return left, limit
+        return room, None
 
     def close(self, meta: schema.TraceMeta) -> Path:
         """Finish the file with its metadata and move it into place."""

@@ -367,8 +367,42 @@ def test_disk_full_keeps_a_valid_partial_trace(backend: str, tmp_path: Path) -> 
         p = subprocess.run([*PKSTRACE, "replay", str(out)], capture_output=True, text=True,
                            timeout=300)
         assert p.returncode == 0 and "PARTIAL" in p.stdout, p.stderr
+        print(f"{backend}: {len(trace)} events kept in {out.stat().st_size} bytes, "
+              f"{os.statvfs(fs.path).f_bavail * os.statvfs(fs.path).f_frsize} bytes left free")
     finally:
         fs.close()
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_file_size_limit_keeps_a_valid_partial_trace(backend: str, tmp_path: Path) -> None:
+    """The output stops growing mid-recording for another reason than free space:
+    a file size limit (RLIMIT_FSIZE, `ulimit -f`; writes past it fail with EFBIG).
+    Before the writer checked it, the half-written file had no footer and the whole
+    recording was thrown away."""
+    need_backend(backend)
+    out = tmp_path / "t.pkstrace"
+    limit = 3_000_000
+    rec = subprocess.Popen(["prlimit", f"--fsize={limit}", *PKSTRACE, "record", "--backend",
+                            backend, "-o", str(out), "--no-status", "-q", "--",
+                            *workload_command(200_000)],
+                           stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    watch = StderrWatcher(rec)
+    held = HeldWatcher(rec.pid)
+    rc = rec.wait(timeout=300)
+    stderr = watch.text()
+    assert_nothing_attached(rec.pid, held.done())
+    assert rc == 2, stderr[-1000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert "near the file size limit" in last and "partial trace of" in last, last
+    trace = tracefile.read_trace(out)
+    assert trace.meta.partial and any("file size limit" in n for n in trace.meta.notes)
+    # what fitted was kept: most of the limit is used (the footer needs far less than
+    # the 1 MiB kept for it), not a first slice sized by Arrow's uncompressed estimate
+    assert out.stat().st_size > limit // 2, out.stat().st_size
+    assert list(tmp_path.glob(".*.partial")) == []
+    print(f"{backend}: {len(trace)} events kept in {out.stat().st_size} bytes of {limit}")
 
 
 @pytest.mark.parametrize("case", ["no_space_at_all", "read_only", "no_such_dir"])
