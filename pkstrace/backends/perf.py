@@ -36,6 +36,12 @@ from pkstrace.backends.symbols import kernel_symbols
 PERF_EVENT_IOC_SET_FILTER = 0x40082406  # _IOW('$', 6, char *)
 PERF_EVENT_IOC_DISABLE = 0x2401  # _IO('$', 1)
 RING_PAGES = 512  # per CPU per tracepoint: 2 MiB
+# Samples taken from one ring per read(): about a full ring (a sample is 64 bytes or
+# more). Under a flood the kernel refills a ring as fast as Python empties it, so
+# reading until it is empty never ended: the recorder ignored its duration and
+# Ctrl-C, and its rows grew without bound. What is not read in time is overwritten
+# and counted as lost by the kernel.
+READ_BUDGET_PER_RING = RING_PAGES * 4096 // 64
 # Kernel task state bits -> ftrace's letters (sched_switch prev_state).
 _STATE_LETTERS = ((0x1, "S"), (0x2, "D"), (0x4, "T"), (0x8, "t"), (0x10, "X"), (0x20, "Z"),
                   (0x40, "P"), (0x80, "I"))
@@ -218,7 +224,7 @@ class PerfBackend(Backend):
                 select.select(fds, [], [], timeout)
             except (InterruptedError, OSError):
                 pass
-        return self._read_all()
+        return self._read_all(READ_BUDGET_PER_RING)
 
     def _foreign_bpf(self) -> None:
         """Other processes' BPF programs on our tracepoints hide events from perf."""
@@ -245,7 +251,9 @@ class PerfBackend(Backend):
     def drain(self) -> pd.DataFrame:
         return self._read_all()
 
-    def _read_all(self) -> pd.DataFrame:
+    def _read_all(self, budget: int = 0) -> pd.DataFrame:
+        """Samples from every ring: up to ``budget`` per ring (0: until empty, for the
+        drain, when the events are disabled and the rings no longer fill)."""
         import perf
 
         sample_cls, lost_cls = perf.sample_event, perf.lost_event
@@ -259,7 +267,9 @@ class PerfBackend(Backend):
                 with quiet_stderr():
                     self._read_source(src, sample_cls, lost_cls, first_only=True)
             for cpu in src.cpus:
-                while True:
+                left = budget or -1
+                while left:
+                    left -= 1
                     e = evl.read_on_cpu(cpu)
                     if e is None:
                         break
