@@ -167,18 +167,68 @@ def asof_prev(left_group: np.ndarray, left_row: np.ndarray, right_group: np.ndar
               right_row: np.ndarray, n: int, inclusive: bool = False) -> np.ndarray:
     """For each left event, the position in ``right_*`` of the last right event of the
     same group with a smaller row number (``<=`` if inclusive); -1 where none.
+    Of right events with one group and one row, the last in input order counts.
 
     Rows are positions in the time-sorted table, so this is "the latest event of
     that kind on that CPU before this one", exact even on equal timestamps.
-    One pass: merge both sides by row (linear when each side is in row order),
-    stably regroup (a radix sort for CPU-sized groups), carry the last right
-    position forward, and keep it where it is in the same group.
+    The right side is put in (group, row) order once, as one int64 key
+    ``group * (n + 1) + row`` (a radix sort by group where its rows are already in
+    order, as the families' are); every left event then finds its predecessor by a
+    binary search of its own key, so the left side is never sorted or gathered.
     """
     nl, nr = len(left_row), len(right_row)
     if nl == 0:
         return np.zeros(0, dtype=np.int64)
     if nr == 0:
         return np.full(nl, -1, dtype=np.int64)
+    lg = np.asarray(left_group, dtype=np.int64)
+    rkeys, rorder = _asof_index(right_group, right_row, n)
+    if rkeys is None or not _fits_key(lg, n):
+        return _asof_prev_sorting(left_group, left_row, right_group, right_row, inclusive)
+    # the left keys in ascending order too: numpy's binary search then narrows each
+    # search by the previous one's answer (and memory is walked forward, not at random)
+    lkeys, lorder = _asof_index(lg, left_row, n)
+    base = lkeys - np.asarray(left_row)[lorder]  # each left event's group's lowest key
+    # strict: the first right key >= the left key ends the candidates; inclusive: > it
+    pos = np.searchsorted(rkeys, lkeys, side="right" if inclusive else "left")
+    del lkeys
+    pos -= 1  # the last right key below (strict) / not above (inclusive) the left key
+    ok = pos >= 0
+    np.maximum(pos, 0, out=pos)
+    ok &= rkeys[pos] >= base  # in the left event's group, not an earlier one
+    found = np.empty(nl, dtype=np.int64)
+    found[lorder] = np.where(ok, rorder[pos], -1)
+    return found
+
+
+def _asof_index(group: np.ndarray, row: np.ndarray, n: int
+                ) -> tuple[np.ndarray | None, np.ndarray]:
+    """(keys ``group * (n + 1) + row`` in ascending order, positions they came from),
+    stable; (None, empty) where the keys would not fit in int64."""
+    g = np.asarray(group, dtype=np.int64)
+    if not _fits_key(g, n):
+        return None, np.zeros(0, dtype=np.int64)
+    key = g * (n + 1)
+    key += row
+    if len(row) < 2 or bool((row[1:] >= row[:-1]).all()):
+        order = group_order(g)  # rows in order: only the groups need sorting
+    else:
+        order = np.argsort(key, kind="stable")
+    return key[order], order
+
+
+def _fits_key(group: np.ndarray, n: int) -> bool:
+    """Whether ``group * (n + 1) + row`` (0 <= row <= n) fits in int64 for every group."""
+    if len(group) == 0:
+        return True
+    return max(-int(group.min()), int(group.max()) + 1) < (1 << 62) // (n + 2)
+
+
+def _asof_prev_sorting(left_group: np.ndarray, left_row: np.ndarray, right_group: np.ndarray,
+                       right_row: np.ndarray, inclusive: bool) -> np.ndarray:
+    """:func:`asof_prev` for groups too wide for one int64 key: merge both sides by
+    row, stably regroup, carry the last right position forward."""
+    nl = len(left_row)
     # at equal rows a strict lookup puts the left side first, an inclusive one last
     tie_l, tie_r = (1, 0) if inclusive else (0, 1)
     key = np.concatenate([left_row.astype(np.int64) * 2 + tie_l,
@@ -225,15 +275,30 @@ def dense_key(*parts: np.ndarray) -> np.ndarray:
     only wide parts (csd tokens, pids) are factorised (a hash pass, slower than the
     arithmetic).
     """
-    key = np.zeros(len(parts[0]), dtype=np.int64)
+    # in place on one int64 array (these are full-length: a temporary per operation
+    # would cost a pass and fresh memory each); the values are those of
+    # key = key * span + offset, part after part
+    key: np.ndarray | None = None
     for p in parts:
+        span, lo = 0, 0
         if len(p) and p.dtype.kind in "iu":
             lo, hi = int(p.min()), int(p.max())
             if hi - lo < 1 << 24 and hi < 1 << 62:
-                key = key * (hi - lo + 1) + (p.astype(np.int64) - lo)
-                continue
-        codes, uniq = pd.factorize(p, sort=False)
-        key = key * max(len(uniq), 1) + codes
+                span = hi - lo + 1
+                if p.dtype.kind == "u":
+                    p = p.astype(np.int64)  # below 2**62: exact
+        if span == 0:
+            p, uniq = pd.factorize(p, sort=False)
+            span, lo = max(len(uniq), 1), 0
+        if key is None:
+            key = p.astype(np.int64)  # a copy: the part is not ours to change
+        else:
+            key *= span
+            key += p
+        if lo:
+            key -= lo
+    if key is None:
+        return np.zeros(0, dtype=np.int64)
     return key
 
 
@@ -322,12 +387,15 @@ def latency_table(df: pd.DataFrame, keys: list[str], col: str,
                              for c in [*keys, *LATENCY_TABLE_COLUMNS]})
     if value_order is None:
         value_order = np.argsort(vals, kind="stable")
-    # NaN sorts last: keep the valid values, renumbered to positions among them
-    value_order = value_order[: int(ok.sum())]
-    renumber = np.cumsum(ok) - 1
-    value_order = renumber[value_order]
-    d = df.loc[ok, keys]
-    vals = vals[ok]
+    if ok.all():  # (matched remote calls all have a latency)
+        d = df[keys]
+    else:
+        # NaN sorts last: keep the valid values, renumbered to positions among them
+        value_order = value_order[: int(ok.sum())]
+        renumber = np.cumsum(ok) - 1
+        value_order = renumber[value_order]
+        d = df.loc[ok, keys]
+        vals = vals[ok]
     parts = []
     for k in keys:
         s = d[k]
