@@ -91,9 +91,26 @@ ALL_DRAWN = ("document.querySelectorAll('div.plot').length === "
              "document.querySelectorAll('div.plot.js-plotly-plot').length")
 
 
+def _browser_cpu_s() -> float:
+    """CPU seconds used so far by this process's Chromium descendants (browser, GPU,
+    renderer...): on a shared machine a steadier figure than wall time."""
+    import psutil
+
+    total = 0.0
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "chrom" in proc.name():
+                t = proc.cpu_times()
+                total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 def browser_open_times(page_path: Path, runs: int) -> dict[str, Any]:
     """Open the report in headless Chromium `runs` times (a fresh context each time, so
-    nothing is cached): seconds to the load event and to every figure drawn."""
+    nothing is cached): seconds to the load event and to every figure drawn, and the
+    CPU seconds Chromium's processes spent until then."""
     if not os.path.exists(CHROMIUM):
         return {"skipped": f"{CHROMIUM} not installed (Debian's chromium package)"}
     from playwright.sync_api import sync_playwright
@@ -109,25 +126,28 @@ def browser_open_times(page_path: Path, runs: int) -> dict[str, Any]:
                 page = ctx.new_page()
                 errors: list[str] = []
                 page.on("pageerror", lambda e, errors=errors: errors.append(str(e)))
+                cpu0 = _browser_cpu_s()
                 t0 = time.perf_counter()
                 page.goto(page_path.as_uri(), wait_until="load", timeout=300_000)
                 t_load = time.perf_counter() - t0
                 page.wait_for_function(ALL_DRAWN, timeout=300_000, polling=50)
                 t_drawn = time.perf_counter() - t0
+                cpu = _browser_cpu_s() - cpu0
                 figures = page.evaluate("document.querySelectorAll('div.plot').length")
                 ctx.close()
                 if errors:
                     raise SystemExit(f"bench_report: the page raised: {errors[0]}")
                 samples.append({"load_event_s": round(t_load, 3),
                                 "all_figures_drawn_s": round(t_drawn, 3),
-                                "figures": figures})
+                                "chromium_cpu_s": round(cpu, 3), "figures": figures})
         finally:
             browser.close()
     load.append(round(os.getloadavg()[0], 2))
     return {"browser": CHROMIUM, "runs": samples, "load_avg_1m": load,
             "load_event_s_median": round(_median([r["load_event_s"] for r in samples]), 3),
             "all_figures_drawn_s_median":
-                round(_median([r["all_figures_drawn_s"] for r in samples]), 3)}
+                round(_median([r["all_figures_drawn_s"] for r in samples]), 3),
+            "chromium_cpu_s_median": round(_median([r["chromium_cpu_s"] for r in samples]), 3)}
 
 
 def _median(xs: list[float]) -> float:
@@ -202,7 +222,22 @@ def main() -> int:
               f"({res['data_bytes'] / 1e6:.2f} MB data), peak RSS "
               f"{res['report_peak_rss_bytes'] / (1 << 30):.2f} GiB; opens in Chromium: "
               f"{res['browser_open'].get('all_figures_drawn_s_median', '-')} s to all "
-              "figures drawn", file=sys.stderr, flush=True)
+              f"figures drawn ({res['browser_open'].get('chromium_cpu_s_median', '-')} "
+              "CPU-s)", file=sys.stderr, flush=True)
+    # The same page with no data (a report of empty findings): what opening costs
+    # whatever the trace's size (plotly.js itself, the page's script), to read the
+    # figures above against.
+    from pkstrace.analysis.findings import Findings
+    from pkstrace.reports import html
+
+    empty = work / "report-empty.html"
+    empty.write_text(html.render([("empty", Findings())]), encoding="utf-8")
+    baseline = {"html_bytes": empty.stat().st_size,
+                "browser_open": browser_open_times(empty, runs)}
+    print(f"bench_report: empty report ({baseline['html_bytes'] / 1e6:.2f} MB) opens in "
+          f"{baseline['browser_open'].get('all_figures_drawn_s_median', '-')} s "
+          f"({baseline['browser_open'].get('chromium_cpu_s_median', '-')} CPU-s)",
+          file=sys.stderr, flush=True)
     at_target = [r for r in results if r["events"] >= TARGET_EVENTS]
     if at_target:
         r = at_target[0]
@@ -226,6 +261,7 @@ def main() -> int:
                  "tests/fixtures/ftrace_cpuid_2cpu.txt over 64 CPUs, isolated " + ISOLATED,
         "smoke": bool(args.smoke),
         "results": results,
+        "empty_report_baseline": baseline,
         "targets": targets,
         "note": "wall clock on a shared 2-core machine: medians of the runs; "
                 "load_avg_1m pairs are the 1-minute load average before and after",
