@@ -73,6 +73,9 @@ def open_report(browser: Any, path: Path, shot: Path | None = None) -> Opened:
             r.abort()
 
     page.route("**/*", route)
+    # Playwright's default 30 s ran out once while the shared 2-core host had a load
+    # average over 20 (the page drew in 3-10 s then): a limit, not a speed target.
+    page.set_default_timeout(180_000)
     page.goto(path.as_uri())
     page.wait_for_function("document.querySelectorAll('div.plot').length === "
                            "document.querySelectorAll('div.plot.js-plotly-plot').length")
