@@ -236,9 +236,11 @@ def test_perf_buffer_batches_follow_each_other_in_time() -> None:
 
 
 def test_perf_buffer_keeps_the_recursion_miss_accounting() -> None:
-    """Runs the kernel's BPF recursion guard skipped are lost under CPU -1, as on the ring."""
+    """Runs the kernel's BPF recursion guard skipped are lost under CPU -1, as on the ring.
+    Classic tracepoint programs: they share the kernel's one per-CPU guard with the
+    foreign program (raw ones have their own and are not skipped: test_bcc_rawtp.py)."""
     need_perf_buffer()
-    backend = perf_backend()
+    backend = perf_backend(bpf_attach="tp")
     with backend:
         backend.attach()
         with foreign_slow_bpf():

@@ -23,10 +23,29 @@
   hash) are read at the end into TraceMeta.aggregates (format below); the trace
   has no rows.
 
+How the programs attach (``--bpf-attach``, TraceMeta.extra["bcc"]["attach"]):
+raw tracepoints (BPF_PROG_TYPE_RAW_TRACEPOINT on the TP_PROTO arguments, Linux
+>= 4.17) by default, classic tracepoint programs (TRACEPOINT_PROBE) where raw
+ones are not available or fail to attach, or when asked for (``tp``). A classic
+program runs under the kernel's one per-CPU guard for all kprobe / tracepoint
+BPF programs (trace_call_bpf: bpf_prog_active), so an IPI's tracepoint that
+fires while any such program runs on that CPU is skipped; a raw program's guard
+is its own (__bpf_trace_run: prog->active), so only the same program
+interrupting itself is. sched_switch stays classic under ``auto`` (interrupts
+are off while it runs, so no guard ever skips it, and its raw program costs
+more); ``raw`` makes it raw too where vmlinux BTF gives task_struct's offsets
+and the four-argument TP_PROTO (5.18+). The one such
+nesting seen here, an MSR write in an interrupt while write_msr's program runs
+for a process-context write, is recorded by a second program on write_msr (its
+twin: it acts only while the first is busy on that CPU, Linux 6.1+), and what it
+took over is subtracted from the first's misses; TraceMeta.extra["bcc"]
+["recursion_guard"] keeps the kernel's own skip counts and that number.
+
 Program runs the kernel skipped (its BPF recursion guard: another BPF program
 was running on that CPU) are events nobody saw: they are counted as lost under
 CPU -1 ("CPU unknown"; the kernel counts them per program, not per CPU), and
-listed per program in TraceMeta.extra["bcc"]["recursion_misses"].
+listed per program in TraceMeta.extra["bcc"]["recursion_misses"] (less those
+write_msr's twin recorded).
 * ``both``: one program doing both (tests use it to check that the two agree).
 
 TraceMeta.aggregates (counts mode, ``format`` 1)::
@@ -81,6 +100,22 @@ NFUNC = 32  # cross-CPU functions told apart per CPU in counts mode
 INFLIGHT_BITS = 8  # 256 in-flight slots per target CPU
 UNKNOWN_CPU = -1  # lost_events key for losses the kernel does not place on a CPU
 BUFFERS = ("auto", "ring", "perf")  # --bpf-buffer
+ATTACHES = ("auto", "raw", "tp")  # --bpf-attach
+# Scratch records per CPU on the perf-buffer path where programs nest (raw
+# tracepoints): process context, soft irq, irq, NMI.
+PERF_NEST_RAW = 4
+# Tracepoints with a raw twin in probes/pkstrace.bpf.c ("system:event"); the raw
+# program is rawtp_<event>, compiled in by -DRAW_<EVENT>.
+RAW_TRACEPOINTS = ("msr:write_msr", "msr:read_msr", "csd:csd_queue_cpu",
+                   "csd:csd_function_entry", "csd:csd_function_exit", "ipi:ipi_send_cpu",
+                   "ipi:ipi_send_cpumask", "irq_vectors:call_function_entry",
+                   "irq_vectors:call_function_exit", "irq_vectors:call_function_single_entry",
+                   "irq_vectors:call_function_single_exit", "sched:sched_switch")
+# Why auto leaves sched_switch classic (`--bpf-attach raw` makes it raw too).
+SCHED_SWITCH_CLASSIC = (
+    "auto: sched_switch runs with interrupts off, so the shared guard never skips it, "
+    "and its raw program reads task_struct through helpers (430 against 200 ns a run "
+    "by bpf_stats here)")
 # Mirror of struct event_t in probes/pkstrace.bpf.c: a head and a union body,
 # `g` (generic: a, b, c, i) or `sw` (sched_switch), overlaid here by offsets.
 EVENT_DTYPE = np.dtype({
@@ -133,12 +168,57 @@ def _cond(var: str, values: Sequence[int]) -> str:
     return "(" + " || ".join(parts) + ")"
 
 
-def kernel_has_ringbuf() -> bool:
+def _kernel_at_least(major: int, minor: int) -> bool:
     try:
-        major, minor = (int(x) for x in platform.release().split(".")[:2])
+        have = tuple(int(x) for x in platform.release().split("-")[0].split(".")[:2])
     except ValueError:
         return True
-    return (major, minor) >= (5, 8)
+    return have >= (major, minor)
+
+
+def kernel_has_ringbuf() -> bool:
+    return _kernel_at_least(5, 8)
+
+
+def kernel_has_raw_tracepoints() -> bool:
+    return _kernel_at_least(4, 17)
+
+
+def kernel_has_per_program_guard() -> bool:
+    """Raw tracepoint programs skip only their own nesting (prog->active in
+    __bpf_trace_run, counted in recursion_misses) from Linux 6.1; before, none."""
+    return _kernel_at_least(6, 1)
+
+
+def choose_attach(requested: str) -> tuple[str, str]:
+    """(attach, why): "raw" (raw tracepoint programs) or "tp" (classic ones)."""
+    if requested not in ATTACHES:
+        raise ValueError(f"bad BPF attach {requested!r} (choose {', '.join(ATTACHES)})")
+    if requested == "auto":
+        if kernel_has_raw_tracepoints():
+            return "raw", "auto: raw tracepoints (Linux >= 4.17)"
+        return "tp", (f"auto: classic tracepoints (Linux {platform.release()} < 4.17 has "
+                      "no raw tracepoints)")
+    return requested, f"{requested} (asked for)"
+
+
+def raw_sched_switch_offsets() -> tuple[dict[str, int] | None, str]:
+    """(task_struct offsets of pid, comm, exit_state, "") for the raw sched_switch
+    program, or (None, why not): it needs vmlinux BTF and the four-argument
+    TP_PROTO (bool preempt, prev, next, unsigned int prev_state) of Linux 5.18+."""
+    from pkstrace.backends.checks import btf_facts
+
+    facts = btf_facts()
+    if facts is None:
+        return None, "no kernel BTF for task_struct's layout"
+    if facts.tracepoint_args.get("sched_switch") != 4:
+        return None, (f"sched_switch has {facts.tracepoint_args.get('sched_switch', '?')} "
+                      "raw arguments (want 4: Linux 5.18+)")
+    need = ("pid", "comm", "exit_state")
+    missing = [m for m in need if m not in facts.member_offsets]
+    if missing:
+        return None, f"task_struct members {missing} not in BTF"
+    return {m: facts.member_offsets[m] for m in need}, ""
 
 
 def choose_buffer(requested: str) -> tuple[str, str]:
@@ -371,12 +451,25 @@ class BccBackend(Backend):
     name = "bcc"
 
     def __init__(self, probes: Sequence[ProbeSpec], cpus: Sequence[int] | None = None,
-                 mode: str = "events", buffer_kb: int = 8192, bpf_buffer: str = "auto") -> None:
+                 mode: str = "events", buffer_kb: int = 8192, bpf_buffer: str = "auto",
+                 bpf_attach: str = "auto") -> None:
         super().__init__()
         if mode not in ("events", "counts", "both"):
             raise ValueError(f"bad bcc mode {mode!r}")
         # Where events mode streams: "ring" (BPF ring buffer) or "perf" (perf rings).
         self.buffer, self.buffer_why = choose_buffer(bpf_buffer)
+        # How tracepoints attach: "raw" (where each can) or "tp" (classic).
+        self.attach_mode, self.attach_why = choose_attach(bpf_attach)
+        self.attach_requested = bpf_attach
+        self.raw: set[str] = set()  # tracepoints ("system:event") attached raw
+        # write_msr's twin program (probes/pkstrace.bpf.c: WRITE_MSR_TWIN) and what
+        # it recorded for the first one, which the kernel skipped meanwhile.
+        self.twin = False
+        self._twin_fd = -1
+        self._twin_took_at_start = 0
+        self.guard: dict[str, Any] = {}
+        self.classic_why: dict[str, str] = {}  # tracepoint -> why it is classic
+        self._task_offsets: dict[str, int] = {}
         self.mode = "counts" if mode == "counts" else "events"
         self.want_events = mode in ("events", "both")
         self.want_counts = mode in ("counts", "both")
@@ -443,6 +536,20 @@ class BccBackend(Backend):
                  f"-DNCPUS={possible_cpus()}", f"-DNFUNC={NFUNC}",
                  f"-DINFLIGHT_BITS={INFLIGHT_BITS}", f"-DINFLIGHT_SLOTS={1 << INFLIGHT_BITS}"]
         flags += [f"-DKIND_{k.upper()}={v}" for k, v in KIND_CODES.items()]
+        raw = sorted(self.raw & names)
+        flags += [f"-DRAW_{n.split(':')[1].upper()}" for n in raw]
+        if raw:
+            flags.append("-DNESTING")
+            if not kernel_has_per_program_guard():
+                flags.append("-DSELF_NESTING")  # no guard: a program nests in itself
+            if self.buffer == "perf":
+                flags.append(f"-DPERF_NEST={PERF_NEST_RAW}")
+        if self.twin:
+            flags.append("-DWRITE_MSR_TWIN")
+        if "sched:sched_switch" in raw:
+            flags += [f"-DTASK_PID_OFF={self._task_offsets['pid']}",
+                      f"-DTASK_COMM_OFF={self._task_offsets['comm']}",
+                      f"-DTASK_EXIT_STATE_OFF={self._task_offsets['exit_state']}"]
         if self.want_events:
             flags.append("-DWANT_EVENTS")
         if self.want_counts:
@@ -515,22 +622,53 @@ class BccBackend(Backend):
                    and not os.path.isdir(_tp_dir(p.system, p.tracepoint))]
         if missing:
             self.probes = [p for p in self.probes if p not in missing]
-        try:
-            with quiet_stderr():
-                self.bpf = BPF(text=text, cflags=self.cflags())
-        except Exception as e:  # noqa: BLE001 - bcc raises Exception for compile errors
-            raise self._error(f"bcc: cannot compile/load {src_path.name}: {_one_line(e)}") \
-                from None
+        self._plan_raw()
+        # A raw tracepoint that fails to load or attach is compiled again as a
+        # classic one (each failure moves at least one; classic ones are last).
+        for _ in range(len(self.raw) + 1):
+            # Events mode only: in counts mode the twin's run on every MSR write
+            # cost 11% of the BPF time per event for the few writes it takes over.
+            self.twin = ("msr:write_msr" in self.raw and kernel_has_per_program_guard()
+                         and self.want_events)
+            try:
+                with quiet_stderr():
+                    self.bpf = BPF(text=text, cflags=self.cflags())
+            except Exception as e:  # noqa: BLE001 - bcc raises Exception for compile errors
+                if self.raw:
+                    why = f"raw program did not compile/load: {_one_line(e)}"
+                    self.classic_why.update({n: why for n in self.raw})
+                    self.raw = set()
+                    continue
+                raise self._error(f"bcc: cannot compile/load {src_path.name}: "
+                                  f"{_one_line(e)}") from None
+            failed = self._attach_raw()
+            if not failed:
+                break
+            self.classic_why.update(failed)
+            self.raw -= set(failed)
+            self._close_twin()
+            with contextlib.suppress(Exception):
+                self.bpf.cleanup()
+            self.bpf = None
         results = [ProbeResult(p.name, p.required, False, "tracepoint not in this kernel")
                    for p in missing]
         attached = {k.decode() if isinstance(k, bytes) else k  # "system:event"
                     for k in getattr(self.bpf, "tracepoint_fds", {})}
+        attached_raw = {k.decode() if isinstance(k, bytes) else k  # "event"
+                        for k in getattr(self.bpf, "raw_tracepoint_fds", {})}
         for p in self.probes:
-            if p.kind == "tracepoint":
-                how = "BPF tracepoint program" + (f", filter {p.filter!r}" if p.filter else "")
+            if p.kind != "tracepoint":
+                continue
+            if p.name in self.raw:
+                ok = p.tracepoint in attached_raw
+                how = "BPF raw tracepoint program"
+            else:
                 ok = p.name in attached
-                results.append(ProbeResult(p.name, p.required, ok,
-                                           how if ok else "not attached by bcc"))
+                how = "BPF tracepoint program" + (f", filter {p.filter!r}" if p.filter else "")
+                if p.name in self.classic_why:
+                    how += f" (not raw: {self.classic_why[p.name]})"
+            results.append(ProbeResult(p.name, p.required, ok,
+                                       how if ok else "not attached by bcc"))
         for p in self.probes:
             if p.kind != "kprobe":
                 continue
@@ -555,8 +693,73 @@ class BccBackend(Backend):
                 self._ring_cpus.append(cpu)
         # Misses before the switch are not events of this recording.
         self._misses_at_start = self.recursion_misses()
+        self._twin_took_at_start = self._twin_took()
         self._switch(True)  # every probe starts at the same instant
         return results
+
+    def _plan_raw(self) -> None:
+        """Which tracepoints go raw (self.raw), and why the others do not."""
+        self.raw, self.classic_why = set(), {}
+        names = [p.name for p in self.probes if p.kind == "tracepoint"]
+        if self.attach_mode != "raw":
+            self.classic_why = {n: self.attach_why for n in names}
+            return
+        for n in names:
+            if n not in RAW_TRACEPOINTS:
+                self.classic_why[n] = "no raw program for it"
+            elif n == "sched:sched_switch" and self.attach_requested == "auto":
+                self.classic_why[n] = SCHED_SWITCH_CLASSIC
+            elif n == "sched:sched_switch":
+                offsets, why = raw_sched_switch_offsets()
+                if offsets is None:
+                    self.classic_why[n] = why
+                else:
+                    self._task_offsets = offsets
+                    self.raw.add(n)
+            else:
+                self.raw.add(n)
+
+    def _attach_raw(self) -> dict[str, str]:
+        """Attach each raw program; {tracepoint: why} for those that failed."""
+        failed = {}
+        for n in sorted(self.raw):
+            event = n.split(":")[1]
+            try:
+                with quiet_stderr():
+                    self.bpf.attach_raw_tracepoint(tp=event, fn_name=f"rawtp_{event}")
+            except Exception as e:  # noqa: BLE001 - bcc raises Exception
+                failed[n] = f"raw attach failed: {_one_line(e)}"
+        if self.twin and not failed:
+            self._attach_twin()
+        return failed
+
+    def _attach_twin(self) -> None:
+        """write_msr's second raw program, after the first (bcc keeps one program per
+        raw tracepoint name, so this one is attached by hand)."""
+        from bcc import BPF, lib
+
+        try:
+            with quiet_stderr():
+                fn = self.bpf.load_func(b"twin_write_msr", BPF.RAW_TRACEPOINT)
+            fd = lib.bpf_attach_raw_tracepoint(fn.fd, b"write_msr")
+            if fd < 0:
+                raise OSError(ctypes.get_errno(), "bpf_raw_tracepoint_open failed")
+        except Exception as e:  # noqa: BLE001 - record without it: misses stay counted
+            self.twin = False
+            self._notes.append(f"bcc: write_msr's twin program not attached ({_one_line(e)}): "
+                               "MSR writes in interrupts during another are lost (counted)")
+            return
+        self._twin_fd = fd
+
+    def _close_twin(self) -> None:
+        if self._twin_fd >= 0:
+            os.close(self._twin_fd)
+            self._twin_fd = -1
+
+    def _twin_took(self) -> int:
+        if not self.twin or self.bpf is None:
+            return 0
+        return sum(int(v) for v in self.bpf[b"twin_took"][ctypes.c_int(0)])
 
     def _open_perf_rings(self) -> None:
         """One BPF output perf event and ring per online CPU, its fd stored at that
@@ -586,7 +789,9 @@ class BccBackend(Backend):
         from bcc.libbcc import lib
 
         ncpu = possible_cpus()
-        vsize = (EVENT_DTYPE.itemsize + 16 + 7) & ~7  # struct perfbuf_t, per CPU
+        nest = PERF_NEST_RAW if self.raw else 1
+        rec_bytes = EVENT_DTYPE.itemsize * nest
+        vsize = (rec_bytes + 16 + 7) & ~7  # struct perfbuf_t, per CPU
         buf = ctypes.create_string_buffer(vsize * ncpu)
         key = ctypes.c_int(0)
         if self._perfbuf_fd < 0:
@@ -595,7 +800,7 @@ class BccBackend(Backend):
         if lib.bpf_lookup_elem(self._perfbuf_fd, ctypes.byref(key), buf) != 0:
             raise OSError(ctypes.get_errno(), "bpf lookup of perfbuf failed")
         words = np.frombuffer(buf.raw, dtype="<u8").reshape(ncpu, vsize // 8)
-        return words[:, EVENT_DTYPE.itemsize // 8:EVENT_DTYPE.itemsize // 8 + 2]
+        return words[:, rec_bytes // 8:rec_bytes // 8 + 2]
 
     def _snapshot_perf_counters(self) -> None:
         if self.bpf is None or self.buffer != "perf" or not self.want_events:
@@ -685,6 +890,15 @@ class BccBackend(Backend):
         except Exception as e:  # noqa: BLE001 - detaching below stops them anyway
             self._notes.append(f"bcc: could not switch recording off: {_one_line(e)}")
         misses = self.recursion_misses()
+        took = self._twin_took() - self._twin_took_at_start
+        if self.twin:
+            self.guard = {"skipped_by_kernel": {k: v for k, v in misses.items() if v},
+                          "write_msr_twin_took": took}
+            # The twin's own skips are not lost: the first program ran for those
+            # events (when both were busy, the first's skip is the one counted).
+            misses.pop("twin_write_msr", None)
+            if "rawtp_write_msr" in misses:
+                misses["rawtp_write_msr"] = max(0, misses["rawtp_write_msr"] - took)
         self.misses = {k: v for k, v in misses.items() if v}
         if self.misses:
             self._notes.append(
@@ -696,6 +910,12 @@ class BccBackend(Backend):
                 self.bpf.detach_tracepoint(tp)
             except Exception as e:  # noqa: BLE001 - cleanup() retries
                 self._notes.append(f"detach {tp!r}: {_one_line(e)}")
+        self._close_twin()
+        for tp in list(getattr(self.bpf, "raw_tracepoint_fds", {})):
+            try:
+                self.bpf.detach_raw_tracepoint(tp)
+            except Exception as e:  # noqa: BLE001 - cleanup() retries
+                self._notes.append(f"detach raw {tp!r}: {_one_line(e)}")
         for sym in self._kprobes:
             try:
                 self.bpf.detach_kprobe(event=sym)
@@ -900,9 +1120,13 @@ class BccBackend(Backend):
                 per_cpu.append({"cpu": cpu, "kind": schema.KINDS[kind], "msr": slot_msr[slot],
                                 "count": int(n)})
         ncpus = possible_cpus()
-        # Each CPU numbers the functions it saw in its own functab row.
-        functab = [np.asarray(t.func[:], dtype=np.uint64) for t in b[b"functab"][ctypes.c_int(0)]]
-        all_funcs = np.unique(np.concatenate(functab)) if functab else np.zeros(0, np.uint64)
+        # Each CPU numbers the functions it saw in its own functab rows: row 0
+        # (FUNCTAB_QUEUE) for `calls`, row 1 (FUNCTAB_ENTRY) for `latency`.
+        ftab = b[b"functab"]
+        functab, entry_tab = ([np.asarray(t.func[:], dtype=np.uint64)
+                               for t in ftab[ctypes.c_int(row)]] for row in (0, 1))
+        both = functab + entry_tab
+        all_funcs = np.unique(np.concatenate(both)) if both else np.zeros(0, np.uint64)
         fnames = dict(zip(all_funcs.tolist(),
                           syms.symbolize(all_funcs, with_offset=False).astype(str).tolist(),
                           strict=True)) if len(all_funcs) else {}
@@ -917,8 +1141,8 @@ class BccBackend(Backend):
         for idx, vals in b[b"latency"].items():
             fi, slot = divmod(int(idx.value), 64)
             for cpu, n in enumerate(vals):
-                if n and cpu < len(functab) and functab[cpu][fi]:
-                    hist.append({"target_cpu": cpu, "func": fnames[int(functab[cpu][fi])],
+                if n and cpu < len(entry_tab) and entry_tab[cpu][fi]:
+                    hist.append({"target_cpu": cpu, "func": fnames[int(entry_tab[cpu][fi])],
                                  "slot": slot, "low_ns": 1 << slot if slot else 0,
                                  "high_ns": 1 << (slot + 1), "count": int(n)})
         unmatched, calls_other, latency_other = (
@@ -942,7 +1166,18 @@ class BccBackend(Backend):
     def extra(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "recursion_misses": dict(self.misses),
-            "mode": "both" if self.want_events and self.want_counts else self.mode}
+            "mode": "both" if self.want_events and self.want_counts else self.mode,
+            # How each tracepoint attached (--bpf-attach): raw tracepoints, and
+            # the classic ones with why they are not raw.
+            "attach": {"requested": self.attach_mode, "choice": self.attach_why,
+                       "raw": sorted(self.raw), "write_msr_twin": self.twin,
+                       "classic": {n: self.classic_why.get(n, "")
+                                   for n in sorted({p.name for p in self.probes
+                                                    if p.kind == "tracepoint"} - self.raw)}}}
+        if self.guard:
+            # recursion_misses above are the events lost; these are the kernel's
+            # own skip counts, and the MSR writes the twin recorded for skips.
+            out["recursion_guard"] = self.guard
         if not self.want_events:
             return out
         out["buffer"] = self.buffer

@@ -116,6 +116,80 @@ def btf_func_id(name: str, path: str = BTF_VMLINUX) -> int:
     return 0
 
 
+BTF_STRUCT, BTF_TYPEDEF, BTF_PTR, BTF_FUNC_PROTO = 4, 8, 2, 13
+
+
+@dataclass(frozen=True)
+class BtfFacts:
+    """What the raw sched_switch program needs from vmlinux BTF."""
+
+    member_offsets: dict[str, int]  # task_struct member -> byte offset (pid, comm, exit_state)
+    tracepoint_args: dict[str, int]  # tracepoint -> number of TP_PROTO arguments
+
+
+@functools.lru_cache(maxsize=4)
+def btf_facts(members: tuple[str, ...] = ("pid", "comm", "exit_state"),
+              tracepoints: tuple[str, ...] = ("sched_switch",),
+              path: str = BTF_VMLINUX) -> BtfFacts | None:
+    """Byte offsets of ``task_struct`` members and the argument count of each raw
+    tracepoint (its ``btf_trace_<name>`` typedef: a pointer to a function whose
+    first parameter is the BPF context) in vmlinux BTF; None without BTF.
+    A member or tracepoint that is absent is left out."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    unpack = struct.unpack_from
+    magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = unpack(
+        "<HBBIIIII", data, 0)
+    if magic != 0xEB9F:
+        return None
+    strs = data[hdr_len + str_off: hdr_len + str_off + str_len]
+
+    def name_at(off: int) -> bytes:
+        return strs[off:strs.index(b"\0", off)]
+
+    def offset_of(name: str) -> int:
+        pos = strs.find(b"\0" + name.encode() + b"\0")
+        return pos + 1 if pos >= 0 else -1
+
+    want_struct = offset_of("task_struct")
+    want_typedefs = {offset_of(f"btf_trace_{t}"): t for t in tracepoints}
+    want_typedefs.pop(-1, None)
+    starts = [0]  # type id -> position (id 0 is void)
+    offsets: dict[str, int] = {}
+    typedefs: dict[str, int] = {}  # tracepoint -> the typedef's target type id
+    p, end = hdr_len + type_off, hdr_len + type_off + type_len
+    while p < end:
+        starts.append(p)
+        name_off, info, size_type = unpack("<III", data, p)
+        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+        if kind == BTF_STRUCT and name_off == want_struct and vlen and not offsets:
+            kflag = info >> 31
+            for k in range(vlen):
+                m_name, _m_type, m_off = unpack("<III", data, p + 12 + 12 * k)
+                label = name_at(m_name).decode(errors="replace")
+                if label in members:
+                    bits = m_off & 0xFFFFFF if kflag else m_off
+                    offsets[label] = bits // 8
+        elif kind == BTF_TYPEDEF and name_off in want_typedefs:
+            typedefs[want_typedefs[name_off]] = size_type
+        fixed, per = _BTF_EXTRA.get(kind, (0, 0))
+        p += 12 + fixed + per * vlen
+    nargs: dict[str, int] = {}
+    for tp, tid in typedefs.items():
+        if not 0 < tid < len(starts):
+            continue
+        _, info, target = unpack("<III", data, starts[tid])
+        if (info >> 24) & 0x1F != BTF_PTR or not 0 < target < len(starts):
+            continue
+        _, info, _ = unpack("<III", data, starts[target])
+        if (info >> 24) & 0x1F == BTF_FUNC_PROTO:
+            nargs[tp] = (info & 0xFFFF) - 1  # less the context pointer
+    return BtfFacts(offsets, nargs)
+
+
 # ---------------------------------------------------------------------------
 # The checks
 # ---------------------------------------------------------------------------

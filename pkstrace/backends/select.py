@@ -66,8 +66,9 @@ def pks_functions_present() -> bool:
 
 
 def create(name: str, specs: Sequence[ProbeSpec], opts: RecordOptions,
-           bpf_buffer: str = "auto") -> Backend:
-    """The backend ``name``; ``bpf_buffer`` (bcc events mode) is auto, ring or perf."""
+           bpf_buffer: str = "auto", bpf_attach: str = "auto") -> Backend:
+    """The backend ``name``; ``bpf_buffer`` (bcc events mode) is auto, ring or perf;
+    ``bpf_attach`` (bcc) auto, raw or tp."""
     if name == "tracefs":
         from pkstrace.backends.tracefs import TracefsBackend
 
@@ -80,5 +81,5 @@ def create(name: str, specs: Sequence[ProbeSpec], opts: RecordOptions,
         from pkstrace.backends.bcc import BccBackend
 
         return BccBackend(specs, cpus=opts.cpus, mode=opts.mode, buffer_kb=opts.buffer_kb,
-                          bpf_buffer=bpf_buffer)
+                          bpf_buffer=bpf_buffer, bpf_attach=bpf_attach)
     raise InputError(f"unknown backend {name!r}")

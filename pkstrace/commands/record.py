@@ -33,6 +33,7 @@ examples:
   sudo pkstrace record --backend tracefs -d 5 --force   # pure-Python backend, overwrite
   sudo pkstrace record --mode counts -d 60    # in-kernel counts + latency histograms (bcc)
   sudo pkstrace record --backend bcc --bpf-buffer perf -d 5   # perf rings, as before Linux 5.8
+  sudo pkstrace record --backend bcc --bpf-attach tp -d 5   # classic tracepoint programs
   sudo pkstrace record --msr 0x6e1,0x830 -d 5 # keep only these MSRs' writes
   sudo pkstrace record --cpus 0-3 --isolated 2-3 -d 5   # events on CPUs 0-3; treat 2-3 as isolated
   sudo pkstrace record --symbols my_update_pkrs -d 5    # also probe this global-update function
@@ -85,6 +86,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bcc events mode: stream through the BPF ring buffer (ring) or "
                    "per-CPU perf buffers (perf); default auto: ring where the kernel has it "
                    "(Linux >= 5.8), else perf")
+    p.add_argument("--bpf-attach", default="auto", choices=("auto", "raw", "tp"),
+                   help="bcc: raw tracepoint programs (raw: an interrupt's event is not "
+                   "lost while another of our programs runs on that CPU) or classic "
+                   "tracepoint programs (tp); default auto: raw where the kernel has them "
+                   "(Linux >= 4.17) but sched_switch (interrupts are off there, and its "
+                   "raw program costs more), else tp; a raw program that fails to attach "
+                   "falls back to tp (the trace's probe status says so)")
     status = p.add_mutually_exclusive_group()
     status.add_argument("--status", dest="status", action="store_true", default=None,
                         help="live status line on stderr (default: when stderr is a tty)")
@@ -158,6 +166,9 @@ def run(args: argparse.Namespace) -> int:
     if args.bpf_buffer != "auto" and (name != "bcc" or args.mode != "events"):
         raise InputError(f"--bpf-buffer {args.bpf_buffer}: only for --backend bcc in "
                          f"--mode events (this is {name}, --mode {args.mode})")
+    if args.bpf_attach != "auto" and name != "bcc":
+        raise InputError(f"--bpf-attach {args.bpf_attach}: only for --backend bcc "
+                         f"(this is {name})")
     remove_dead_recorders_leftovers()
 
     host = hostfacts.collect()
@@ -183,7 +194,8 @@ def run(args: argparse.Namespace) -> int:
     if opts.msrs is None:
         meta.notes.append("MSR filter: " + ("PKRS (0x6e1)" if host.get("pks")
                                             else "every MSR (this CPU has no PKS)"))
-    backend = select.create(name, specs, opts, bpf_buffer=args.bpf_buffer)
+    backend = select.create(name, specs, opts, bpf_buffer=args.bpf_buffer,
+                            bpf_attach=args.bpf_attach)
     target = " -- " + shlex.join(command) if command else ""
     buffer_why = getattr(backend, "buffer_why", "") if args.mode == "events" else ""
     print(f"pkstrace record: {why}" + (f"; BPF buffer {buffer_why}" if buffer_why else ""),
