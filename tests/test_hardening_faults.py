@@ -437,15 +437,21 @@ def test_unwritable_output_refused_before_attaching(case: str, tmp_path: Path) -
 # An event flood above what the backend can stream
 # ---------------------------------------------------------------------------
 
-def _peak_rss_kb(pid: int, stop: threading.Event, peak: list[int]) -> None:
+def _peak_rss_kb(pid: int, stop: threading.Event, peak: list[int],
+                 samples: list[tuple[float, int]]) -> None:
     while not stop.is_set():
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
-                    peak[0] = max(peak[0], int(line.split()[1]))
+                    kb = int(line.split()[1])
+                    peak[0] = max(peak[0], kb)
+                    samples.append((time.monotonic(), kb))
         except OSError:
             return
         time.sleep(0.05)
+
+
+FLOOD_SECONDS = float(os.environ.get("PKSTRACE_FLOOD_SECONDS", "6"))
 
 
 @pytest.mark.timeout(900)
@@ -456,14 +462,17 @@ def test_flood_counts_lost_events_bounded_memory(backend: str, tmp_path: Path) -
     the recorder's memory stays bounded, and the summary says the figures are partial."""
     need_backend(backend)
     out = tmp_path / "flood.pkstrace"
-    rec = start_recorder(out, backend, "--buffer-kb", "8", "-d", "6")
+    rec = start_recorder(out, backend, "--buffer-kb", "8", "-d", str(FLOOD_SECONDS))
     watch = StderrWatcher(rec)
-    stop, peak = threading.Event(), [0]
-    mon = threading.Thread(target=_peak_rss_kb, args=(rec.pid, stop, peak), daemon=True)
+    stop, peak, samples = threading.Event(), [0], []
+    mon = threading.Thread(target=_peak_rss_kb, args=(rec.pid, stop, peak, samples),
+                           daemon=True)
     mon.start()
     try:
         assert watch.wait_for("probes attached", 180), watch.lines
-        loads = [subprocess.Popen(workload_command(60_000, target_cpu=t, source_cpu=s),
+        t0 = time.monotonic()
+        calls = int(10_000 * FLOOD_SECONDS)  # ends about with the recording
+        loads = [subprocess.Popen(workload_command(calls, target_cpu=t, source_cpu=s),
                                   stdout=subprocess.DEVNULL)
                  for s, t in ((0, 1), (1, 0))]
         rc = rec.wait(timeout=300)
@@ -487,4 +496,47 @@ def test_flood_counts_lost_events_bounded_memory(backend: str, tmp_path: Path) -
                        timeout=300)
     assert p.returncode == 0, p.stderr
     assert "lost events" in p.stdout and "partial" in p.stdout.lower(), p.stdout[:800]
-    print(f"{backend}: {len(trace)} events kept, {lost} lost, peak RSS {peak[0] // 1024} MB")
+    # Bounded, not growing with the flood's length: the peak of each third of the
+    # recording (PKSTRACE_FLOOD_SECONDS=24 against the default 6 shows it)
+    thirds = [max((kb for t, kb in samples
+                   if FLOOD_SECONDS * i / 3 <= t - t0 < FLOOD_SECONDS * (i + 1) / 3), default=0)
+              // 1024 for i in range(3)]
+    print(f"{backend}: {FLOOD_SECONDS:g} s, {len(trace)} events kept, {lost} lost, "
+          f"peak RSS {peak[0] // 1024} MB (by thirds {thirds} MB), "
+          f"{trace.meta.extra['record']['elapsed_s']} s to stop and write")
+
+
+@pytest.mark.timeout(600)
+def test_perf_read_stays_bounded_under_a_flood() -> None:
+    """Each read() of the perf backend returns at most READ_BUDGET samples (plus the
+    first sample of each tracepoint) while rings refill as fast as they are read;
+    before the budget one read() returned 531,151 rows after 3.8 s here."""
+    need_backend("perf")
+    from pkstrace.backends.base import ProbeSpec
+    from pkstrace.backends.perf import READ_BUDGET, PerfBackend
+
+    tps = ["csd:csd_queue_cpu", "csd:csd_function_entry", "csd:csd_function_exit",
+           "ipi:ipi_send_cpu", "irq_vectors:call_function_single_entry",
+           "irq_vectors:call_function_single_exit", "msr:write_msr", "sched:sched_switch"]
+    backend = PerfBackend([ProbeSpec(t, "tracepoint", False) for t in tps])
+    sizes: list[int] = []
+    loads: list[subprocess.Popen[bytes]] = []
+    with backend:
+        backend.attach()
+        try:
+            loads = [subprocess.Popen(workload_command(10**8, target_cpu=t, source_cpu=s),
+                                      stdout=subprocess.DEVNULL) for s, t in ((0, 1), (1, 0))]
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 5:
+                sizes.append(len(backend.read(0.2)))
+        finally:
+            for w in loads:
+                w.kill()
+                w.wait()
+        backend.stop()
+        drained = len(backend.drain())
+        lost = sum(backend.lost_events().values())
+    print(f"perf read() sizes {sizes}, drained {drained}, lost {lost}")
+    assert max(sizes) <= READ_BUDGET + len(tps), sizes
+    # it was a flood: some read() stopped at its budget (else this proves nothing)
+    assert max(sizes) >= READ_BUDGET, sizes

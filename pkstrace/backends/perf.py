@@ -36,12 +36,14 @@ from pkstrace.backends.symbols import kernel_symbols
 PERF_EVENT_IOC_SET_FILTER = 0x40082406  # _IOW('$', 6, char *)
 PERF_EVENT_IOC_DISABLE = 0x2401  # _IO('$', 1)
 RING_PAGES = 512  # per CPU per tracepoint: 2 MiB
-# Samples taken from one ring per read(): about a full ring (a sample is 64 bytes or
-# more). Under a flood the kernel refills a ring as fast as Python empties it, so
-# reading until it is empty never ended: the recorder ignored its duration and
-# Ctrl-C, and its rows grew without bound. What is not read in time is overwritten
-# and counted as lost by the kernel.
-READ_BUDGET_PER_RING = RING_PAGES * 4096 // 64
+# Samples taken per read(), over all rings (taken READ_CHUNK at a time from each ring
+# in turn, so a busy ring does not starve the others). Under a flood the kernel
+# refills the rings about as fast as Python empties them (5-8 us a sample on a loaded
+# host): reading until they were empty held the recorder for seconds past its
+# duration or Ctrl-C, with the rows in memory. What is not read in time is
+# overwritten and counted as lost by the kernel.
+READ_BUDGET = 1 << 16
+READ_CHUNK = 1 << 10
 # Kernel task state bits -> ftrace's letters (sched_switch prev_state).
 _STATE_LETTERS = ((0x1, "S"), (0x2, "D"), (0x4, "T"), (0x8, "t"), (0x10, "X"), (0x20, "Z"),
                   (0x40, "P"), (0x80, "I"))
@@ -224,7 +226,7 @@ class PerfBackend(Backend):
                 select.select(fds, [], [], timeout)
             except (InterruptedError, OSError):
                 pass
-        return self._read_all(READ_BUDGET_PER_RING)
+        return self._read_all(READ_BUDGET)
 
     def _foreign_bpf(self) -> None:
         """Other processes' BPF programs on our tracepoints hide events from perf."""
@@ -252,27 +254,31 @@ class PerfBackend(Backend):
         return self._read_all()
 
     def _read_all(self, budget: int = 0) -> pd.DataFrame:
-        """Samples from every ring: up to ``budget`` per ring (0: until empty, for the
-        drain, when the events are disabled and the rings no longer fill)."""
+        """Samples from every ring, up to ``budget`` in all (0: until every ring is
+        empty, for the drain, when the events are disabled and the rings no longer fill)."""
         import perf
 
         sample_cls, lost_cls = perf.sample_event, perf.lost_event
         throttle_cls = perf.throttle_event
         for src in self.sources:
-            evl, fields, rows = src.evlist, src.fields, src.rows
             if not src.format_parsed:
                 # The binding parses the tracepoint's format at the first field
                 # access and complains on stderr about helpers it lacks
                 # (__get_cpumask); the fields pkstrace reads decode fine.
                 with quiet_stderr():
                     self._read_source(src, sample_cls, lost_cls, first_only=True)
-            for cpu in src.cpus:
-                left = budget or -1
-                while left:
-                    left -= 1
+        left = budget or -1
+        rings = [(src, cpu) for src in self.sources for cpu in src.cpus]
+        while rings and left:
+            more = []  # rings that gave a whole chunk: maybe not empty yet
+            for src, cpu in rings:
+                evl, fields, rows = src.evlist, src.fields, src.rows
+                n, chunk = 0, min(READ_CHUNK, left) if budget else READ_CHUNK
+                while n < chunk:
                     e = evl.read_on_cpu(cpu)
                     if e is None:
                         break
+                    n += 1
                     if isinstance(e, sample_cls):
                         rows.append((e.sample_time, e.sample_cpu, e.sample_tid,
                                      *[getattr(e, f) for f in fields]))
@@ -282,6 +288,12 @@ class PerfBackend(Backend):
                         # PERF_RECORD_THROTTLE / UNTHROTTLE: the kernel stopped
                         # sampling this event for a while (counted as lost at the end).
                         self.throttled[cpu] = self.throttled.get(cpu, 0) + 1
+                if n == chunk:
+                    more.append((src, cpu))
+                left = max(left - n, 0) if budget else -1
+                if not left:
+                    break
+            rings = more
         frames = []
         for src in self.sources:
             if src.rows:
