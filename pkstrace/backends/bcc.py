@@ -1235,12 +1235,49 @@ class BccBackend(Backend):
         for r in self._rings:
             r.close()  # readers (and their counts) stay for extra() and notes()
         if self.bpf is not None:
+            ids = set(self.prog_ids().values())
             try:
                 self.bpf.cleanup()
             except Exception as e:  # noqa: BLE001
                 problems.append(f"bcc cleanup: {_one_line(e)}")
             self.bpf = None
+            # The kernel frees a detached program after an RCU grace period (a raw
+            # tracepoint link's only after an RCU-tasks-trace one: 20-60 ms here):
+            # return once `bpftool prog show` no longer lists ours.
+            left = wait_programs_freed(ids, timeout=5.0)
+            if left:
+                self._notes.append(f"bcc: the kernel had not freed BPF programs {sorted(left)} "
+                                   "5 s after they were detached")
         return problems
+
+
+BPF_PROG_GET_FD_BY_ID = 13
+SYS_BPF = 321  # x86-64
+
+
+def bpf_prog_alive(prog_id: int) -> bool:
+    """Whether the kernel still has BPF program ``prog_id`` (ENOENT once freed; any
+    other error, e.g. no CAP_SYS_ADMIN, answers no rather than wait for nothing)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    attr = ctypes.create_string_buffer(prog_id.to_bytes(4, "little"), 16)
+    fd = int(libc.syscall(SYS_BPF, BPF_PROG_GET_FD_BY_ID, attr, 16))
+    if fd < 0:
+        return False
+    os.close(fd)
+    return True
+
+
+def wait_programs_freed(ids: set[int], timeout: float) -> set[int]:
+    """Poll until the kernel has freed these programs; the ones still there."""
+    deadline = time.monotonic() + timeout
+    left = set(ids)
+    while left:
+        left = {i for i in left if bpf_prog_alive(i)}
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.005)
+    return left
 
 
 def _tp_dir(system: str, name: str) -> str:
