@@ -240,3 +240,35 @@ def test_bpftrace_misses_counted_when_another_bpf_program_runs(require_root, tmp
     assert bt["recursion_misses"]["total"] > 0, bt["recursion_misses"]
     assert bt["lost_total"] == bt["recursion_misses"]["total"]
     assert "rmiss" in res.stdout
+
+
+def test_bcc_raw_and_classic_side_by_side(require_root, tmp_path):
+    """bcc events with raw tracepoint programs (default) and classic ones (bcc-events-tp):
+    each row says how its tracepoints attached, and the runs of write_msr's twin (a
+    helper program acting only for skipped runs) are not counted as events."""
+    from pkstrace.backends.checks import backend_problem
+
+    problem = backend_problem("bcc")
+    if problem or not os.path.exists("/dev/cpu/1/cpuid"):
+        pytest.skip(f"needs bcc and /dev/cpu/1/cpuid: {problem}")
+    from pkstrace.backends.bcc import kernel_has_per_program_guard
+
+    out = tmp_path / "overhead.json"
+    res = _pkstrace("bench", "overhead", "--tracers", "untraced,bcc-events,bcc-events-tp",
+                    "--runs", "1", "--bpf-runs", "1", "--calls", "500", "-o", str(out), "-q")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(out.read_text())
+    assert overhead.validate(doc) == []
+    rows = {r["key"]: r for r in doc["tracers"]}
+    raw, tp = rows["bcc-events"], rows["bcc-events-tp"]
+    assert "csd:csd_function_entry" in raw["detail"]["bpf_attach_raw"]
+    assert tp["detail"]["bpf_attach_raw"] == []
+    assert "csd:csd_function_entry" in tp["detail"]["bpf_attach_classic"]
+    helpers = raw["bpf_stats"]["helper_run_cnt_runs"]
+    if kernel_has_per_program_guard():
+        assert helpers and helpers[0] > 0, raw["bpf_stats"]  # one twin run per MSR write
+    assert tp["bpf_stats"]["helper_run_cnt_runs"] == [0]
+    # Events per call alike for both: the twin's runs are left out of raw's.
+    epc_raw = raw["bpf_stats"]["run_cnt_per_call_runs"][0]
+    epc_tp = tp["bpf_stats"]["run_cnt_per_call_runs"][0]
+    assert 0.7 < epc_raw / epc_tp < 1.3, (epc_raw, epc_tp)

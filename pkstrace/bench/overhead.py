@@ -627,6 +627,8 @@ def run(tracers: list[Tracer] | None = None, runs: int = 5, bpf_runs: int = 3,
                 "ns_per_event_p50": _median(per_ev),
                 "progs": max((r["bpf_progs"] for r in srs), default=0),
                 "run_cnt_per_call_runs": [round(r["bpf_run_cnt"] / r["calls"], 3) for r in srs],
+                # runs of helper programs (not events; their time is in ns_per_event)
+                "helper_run_cnt_runs": [r.get("bpf_helper_run_cnt", 0) for r in srs],
             }
         ns_call = [r["median_ns_per_call"] for r in slow_runs[t.name]]
         mean_call = [r["elapsed_ns"] / r["calls"] for r in slow_runs[t.name]]
