@@ -68,7 +68,9 @@ from pkstrace.analysis.prep import (
 @dataclass
 class CrossCpu:
     calls: pd.DataFrame  # CALLS_COLUMNS + "episode" (filled by episodes)
-    # One row per csd_queue (matched or not): what episodes, drift and isolation use.
+    # One row per csd_queue (matched or not): what episodes, drift and isolation use
+    # (only what they read: a full-length column nobody reads costs a gather here and
+    # a copy in every selection of queues).
     queues: pd.DataFrame
     # Remote entries with no queue (queue lost or before the window).
     orphan_entries: pd.DataFrame
@@ -186,8 +188,7 @@ def cross_cpu(p: Prepared) -> CrossCpu:
         "callsite_code": p.codes("callsite")[0][qr].astype(np.int32),
         "func_code": func_codes[qr].astype(np.int32),
         "depth": p.col("preempt_depth")[qr].astype(np.int32),
-        "entry_row": q_e, "exit_row": q_x,
-        "entry_ns": q_entry_ns, "exit_ns": q_exit_ns,
+        "entry_ns": q_entry_ns,
         "done_ns": np.where(q_x >= 0, q_exit_ns, np.where(q_e >= 0, q_entry_ns, q_ts)),
     }, copy=False)
     orow = sub[np.flatnonzero(orphan)]
@@ -212,20 +213,23 @@ def _finish(p: Prepared, calls: pd.DataFrame, queues: pd.DataFrame,
                        ["source_cpu", "target_cpu", "func", "callsite", "latency_ns",
                         "handler_ns", "target_idle"]]
     lat = remote["latency_ns"].to_numpy()
+    # One sort of the latencies serves the percentiles and the four tables. Not a
+    # stable one: what is read from it (order statistics, per-group values in value
+    # order) is the same whichever of two equal latencies comes first.
+    by_lat = np.argsort(lat)
+    lat_sorted = lat[by_lat]
     summary: dict[str, Any] = {
         "count": int(len(calls)),
         "remote": int(len(remote)),
         "local": int(calls["local"].sum()),
         **unmatched,
-        **percentiles(lat),
+        **percentiles(lat, sorted_values=lat_sorted),
     }
     h = percentiles(remote["handler_ns"].to_numpy())
     summary["handler_p50_ns"], summary["handler_p99_ns"] = h["p50_ns"], h["p99_ns"]
     idle = remote["target_idle"].to_numpy()
-    by_lat = np.argsort(lat, kind="stable")  # shared by the four tables
     # the medians from the sorted latencies (a median needs no particular order)
     idle_sorted = idle[by_lat]
-    lat_sorted = lat[by_lat]
     summary["count_idle"] = int(idle.sum())
     summary["p50_idle_ns"] = percentiles(lat_sorted[idle_sorted])["p50_ns"]
     summary["count_busy"] = int((~idle).sum())
@@ -372,7 +376,6 @@ def cross_cpu_by_time(p: Prepared) -> CrossCpu:
     x_row = np.where(found & ~by_idle, exit_of_entry[np.minimum(pos, max(len(ent) - 1, 0))]
                      if len(ent) else -1, -1)
     entry_ns = np.where(found, ts_all[np.maximum(e_row, 0)], -1)
-    exit_ns = np.where(x_row >= 0, ts_all[np.maximum(x_row, 0)], -1)
     q_ts = ts_all[q_rows]
     done_ns = np.where(found, np.maximum(entry_ns, q_ts + 1), q_ts)
     done_ns = _clamp_to_next_single_queue(done_ns, q_ts, q_single, cpu_all[q_rows],
@@ -386,8 +389,7 @@ def cross_cpu_by_time(p: Prepared) -> CrossCpu:
         "callsite_code": p.codes("callsite")[0][q_rows].astype(np.int32),
         "func_code": func_codes[q_rows].astype(np.int32),
         "depth": p.col("preempt_depth")[q_rows].astype(np.int32),
-        "entry_row": e_row, "exit_row": x_row,
-        "entry_ns": entry_ns, "exit_ns": exit_ns,
+        "entry_ns": entry_ns,
         # When the caller may go on is not visible here: it waits for the csd's
         # unlock, somewhere between the vector's entry and exit. The entry is the
         # bound that keeps a serial walk serial (the exit often comes after the next

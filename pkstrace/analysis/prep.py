@@ -173,8 +173,9 @@ def asof_prev(left_group: np.ndarray, left_row: np.ndarray, right_group: np.ndar
     that kind on that CPU before this one", exact even on equal timestamps.
     The right side is put in (group, row) order once, as one int64 key
     ``group * (n + 1) + row`` (a radix sort by group where its rows are already in
-    order, as the families' are); every left event then finds its predecessor by a
-    binary search of its own key, so the left side is never sorted or gathered.
+    order, as the families' are); the left side is put in the same key order, and
+    every left event finds its predecessor by a binary search of its own key (in
+    ascending order, so each search starts where the last one ended).
     """
     nl, nr = len(left_row), len(right_row)
     if nl == 0:
@@ -376,7 +377,8 @@ def latency_table(df: pd.DataFrame, keys: list[str], col: str,
 
     One sort by (group, value), then every group's percentiles by index arithmetic
     (numpy's default linear interpolation), so many groups cost no Python loop.
-    ``value_order``: argsort of ``df[col]`` (stable), when several tables share it.
+    ``value_order``: an argsort of ``df[col]`` (stable or not: equal values are
+    interchangeable in every figure here), when several tables share it.
     """
     from pkstrace.analysis.findings import LATENCY_TABLE_COLUMNS
 
@@ -429,11 +431,17 @@ def latency_table(df: pd.DataFrame, keys: list[str], col: str,
     return out[[*keys, *LATENCY_TABLE_COLUMNS]]
 
 
-def percentiles(values: np.ndarray) -> dict[str, int | None]:
+def percentiles(values: np.ndarray, sorted_values: np.ndarray | None = None
+                ) -> dict[str, int | None]:
+    """p50/p90/p99/max/mean of ``values`` (NaN ignored). ``sorted_values``: the same
+    values in ascending order, if at hand: numpy's selection is then a fast pass
+    (the result is the same: it depends only on the order statistics); the mean is
+    always summed in the order of ``values``, as float sums depend on the order."""
     v = values[~np.isnan(values)] if values.dtype.kind == "f" else values
     if len(v) == 0:
         return {"p50_ns": None, "p90_ns": None, "p99_ns": None, "max_ns": None, "mean_ns": None}
-    p50, p90, p99 = np.percentile(v, [50, 90, 99])
+    s = v if sorted_values is None else sorted_values[: len(v)]  # NaN sorts last
+    p50, p90, p99 = np.percentile(s, [50, 90, 99])
     return {"p50_ns": int(round(p50)), "p90_ns": int(round(p90)), "p99_ns": int(round(p99)),
             "max_ns": int(v.max()), "mean_ns": int(round(float(v.mean())))}
 
