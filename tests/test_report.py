@@ -301,3 +301,23 @@ def test_isolation_timeline_samples_evenly_and_keeps_tracer_apart() -> None:
            "2,000 of 3,000 tracer-induced violations, evenly sampled in time." in page
     assert "largest by _w" not in page
     assert "(earliest time first)" in page
+
+
+def test_comparison_shares_the_stall_axis(capsys: pytest.CaptureFixture[str],
+                                          tmp_path: Path) -> None:
+    """broadcast vs housekeeping (emulated host; stalls 0.44-11.7 ms vs 0.35-1.47 ms):
+    both episode timelines get one stall axis, so equal heights mean equal stalls."""
+    fx = Path(__file__).parent / "fixtures"
+    out = tmp_path / "bh.html"
+    rc, _, err = _run(capsys, "report", str(fx / "emulated_broadcast_8cpu.pkstrace"),
+                      str(fx / "emulated_housekeeping_8cpu.pkstrace"), "-o", str(out))
+    assert rc == 0, err
+    figs = [f for f in _figures(out.read_text()).values()
+            if f["layout"]["title"]["text"].startswith("global-update episodes")]
+    assert len(figs) == 2
+    ya, yb = figs[0]["layout"]["yaxis"], figs[1]["layout"]["yaxis"]
+    assert ya["type"] == "log" and ya["range"] == yb["range"]
+    assert ya["tickvals"] == yb["tickvals"] and len(ya["tickvals"]) >= 3
+    ys = [y for f in figs for d in f["data"] for y in d["y"]]
+    lo, hi = 10 ** ya["range"][0], 10 ** ya["range"][1]
+    assert lo < min(ys) and max(ys) < hi

@@ -1011,10 +1011,18 @@ def _even_sample(n: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
 
 
-def _stall_ticks(ep: pd.DataFrame) -> dict[str, Any]:
-    v = _numeric(ep["stall_ns"]) / 1e3
+def _stall_axis(runs: Sequence[tuple[str, Findings]]) -> dict[str, Any]:
+    """Log stall axis (µs) over every run's episodes: side by side, A and B share it."""
+    vals = [_numeric(f.episodes["stall_ns"]) / 1e3 for _, f in runs if len(f.episodes)]
+    v = np.concatenate(vals) if vals else np.zeros(0)
     v = v[np.isfinite(v) & (v > 0)]
-    return log_ticks_us(float(v.min()), float(v.max())) if len(v) else {}
+    if not len(v):
+        return {}
+    lo, hi = float(v.min()), float(v.max())
+    axis: dict[str, Any] = dict(log_ticks_us(lo, hi))
+    if len(runs) > 1:
+        axis["range"] = [math.log10(lo) - 0.08, math.log10(hi) + 0.08]
+    return axis
 
 
 def episodes_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
@@ -1022,6 +1030,7 @@ def episodes_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
     proj_data = []
     proj_tables: list[str] = []
     dash_of: dict[tuple[str, str], str] = {}
+    stall_axis = _stall_axis(runs)
     for label, f in runs:
         out = [_run_heading(label, len(runs))]
         ep = f.episodes
@@ -1063,7 +1072,7 @@ def episodes_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
                                          f"({len(ep):,} episodes; marker size = targets)"},
                        "xaxis": {"title": {"text": "time since start (ms)"}},
                        "yaxis": {"type": "log", "title": {"text": "caller stall (log)"},
-                                 **_stall_ticks(ep)}},
+                                 **stall_axis}},
                 label="global update episodes timeline"))
             if note:
                 out.append(f'<p class="note">{esc(note)}</p>')
