@@ -38,3 +38,18 @@ def test_asof_prev_wide_groups_fall_back() -> None:
     rows = np.array([0, 1, 2])
     got = asof_prev(g, rows, g, rows, 3)
     np.testing.assert_array_equal(got, [-1, -1, 0])
+
+
+def test_asof_prev_with_a_prebuilt_right_index() -> None:
+    # enclosing_handler() builds the right side's index once and passes it in
+    from pkstrace.analysis.prep import _asof_index
+
+    rng = np.random.default_rng(7)
+    right_row = np.sort(rng.integers(0, 500, 200))
+    right_group = rng.integers(0, 4, 200)
+    left_row = np.sort(rng.integers(0, 500, 150))
+    left_group = rng.integers(0, 4, 150)
+    index = _asof_index(right_group, right_row, 500)
+    got = asof_prev(left_group, left_row, right_group, right_row, 500, right_index=index)
+    want = _asof_prev_sorting(left_group, left_row, right_group, right_row, False)
+    np.testing.assert_array_equal(got, want)

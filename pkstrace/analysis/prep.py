@@ -164,7 +164,8 @@ def group_order(keys: np.ndarray) -> np.ndarray:
 
 
 def asof_prev(left_group: np.ndarray, left_row: np.ndarray, right_group: np.ndarray,
-              right_row: np.ndarray, n: int, inclusive: bool = False) -> np.ndarray:
+              right_row: np.ndarray, n: int, inclusive: bool = False,
+              right_index: tuple[np.ndarray | None, np.ndarray] | None = None) -> np.ndarray:
     """For each left event, the position in ``right_*`` of the last right event of the
     same group with a smaller row number (``<=`` if inclusive); -1 where none.
     Of right events with one group and one row, the last in input order counts.
@@ -176,6 +177,8 @@ def asof_prev(left_group: np.ndarray, left_row: np.ndarray, right_group: np.ndar
     order, as the families' are); the left side is put in the same key order, and
     every left event finds its predecessor by a binary search of its own key (in
     ascending order, so each search starts where the last one ended).
+    ``right_index``: ``_asof_index(right_group, right_row, n)``, where a caller
+    looks up the same right side several times.
     """
     nl, nr = len(left_row), len(right_row)
     if nl == 0:
@@ -183,7 +186,7 @@ def asof_prev(left_group: np.ndarray, left_row: np.ndarray, right_group: np.ndar
     if nr == 0:
         return np.full(nl, -1, dtype=np.int64)
     lg = np.asarray(left_group, dtype=np.int64)
-    rkeys, rorder = _asof_index(right_group, right_row, n)
+    rkeys, rorder = right_index or _asof_index(right_group, right_row, n)
     if rkeys is None or not _fits_key(lg, n):
         return _asof_prev_sorting(left_group, left_row, right_group, right_row, inclusive)
     # the left keys in ascending order too: numpy's binary search then narrows each
@@ -451,11 +454,19 @@ def enclosing_handler(p: Prepared, rows: np.ndarray) -> np.ndarray:
     in (the last csd entry/exit on that CPU before them is an entry), else -1."""
     from pkstrace import schema as _schema
 
-    hx = p.rows(_schema.Kind.CSD_ENTRY, _schema.Kind.CSD_EXIT)
+    if len(rows) == 0:
+        return np.zeros(0, dtype=np.int64)
+    cpu = p.col("cpu")
+    # several families ask this of the same handlers: their lookup index is made once
+    cached = p._cache.get("handler_index")
+    if cached is None:
+        hx = p.rows(_schema.Kind.CSD_ENTRY, _schema.Kind.CSD_EXIT)
+        cached = (hx, _asof_index(cpu[hx], hx, p.n) if len(hx) else None)
+        p._cache["handler_index"] = cached  # one store: a parallel family sees all or none
+    hx, index = cached
     if len(hx) == 0:
         return np.full(len(rows), -1, dtype=np.int64)
-    cpu = p.col("cpu")
-    last = asof_prev(cpu[rows], rows, cpu[hx], hx, p.n)
+    last = asof_prev(cpu[rows], rows, cpu[hx], hx, p.n, right_index=index)
     cand = hx[np.maximum(last, 0)]
     inside = (last >= 0) & (p.kind[cand] == KIND_CODE["csd_entry"])
     return np.where(inside, cand, -1)
