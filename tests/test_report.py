@@ -321,3 +321,19 @@ def test_comparison_shares_the_stall_axis(capsys: pytest.CaptureFixture[str],
     ys = [y for f in figs for d in f["data"] for y in d["y"]]
     lo, hi = 10 ** ya["range"][0], 10 ** ya["range"][1]
     assert lo < min(ys) and max(ys) < hi
+
+
+def test_heatmap_rows_labelled_on_large_hosts() -> None:
+    """64 CPUs with 60-63 isolated: rows too thin for a label each, so every 8th CPU and
+    one 'CPU 60-63 (isolated)' label (the labels near it left out, so none overlap)."""
+    f = synth_findings("v3", n_calls=4_000, n_episodes=50, n_cpus=64,
+                       isolated=(60, 61, 62, 63))
+    heat = next(v for v in _figures(html.render([("big", f)])).values()
+                if v["data"][0]["type"] == "heatmap")
+    y = heat["layout"]["yaxis"]
+    assert "CPU 60-63 (isolated)" in y["ticktext"]
+    assert 4 <= len(y["ticktext"]) <= 16
+    vals = sorted(y["tickvals"])
+    assert min(b - a for a, b in zip(vals, vals[1:], strict=False)) >= 4
+    assert html._cpu_ticks(list(range(8)), [6, 7])[1][6:] == ["CPU 6 (isolated)",
+                                                               "CPU 7 (isolated)"]

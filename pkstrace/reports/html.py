@@ -655,6 +655,34 @@ def _activity_width(a: _Activity) -> float:
     return (a.t_end - a.t_min) / n_bins
 
 
+def _cpu_ticks(cpus: list[int], isolated: list[int]) -> tuple[list[float], list[str]]:
+    """Heatmap rows' labels. Up to 32 CPUs: each, isolated ones said so. More: a row is
+    too thin for a label each, so about 8-16 evenly spaced CPUs, and one label per run
+    of isolated CPUs ("CPU 62-63 (isolated)", up to 8 runs) with the labels that would
+    overlap it left out."""
+    if len(cpus) <= 32:
+        return ([float(c) for c in cpus],
+                [f"CPU {c} (isolated)" if c in isolated else f"CPU {c}" for c in cpus])
+    iso = sorted(set(isolated) & set(cpus))
+    runs_: list[list[int]] = []
+    for c in iso:
+        if runs_ and c == runs_[-1][-1] + 1:
+            runs_[-1].append(c)
+        else:
+            runs_.append([c])
+    if len(runs_) > 8:  # scattered isolated CPUs: the outlines and the note say which
+        runs_ = []
+    # Keep a label at least ~4 rows away from another (the heatmap is at most 700 px).
+    gap = max(2, len(cpus) // 16)
+    step = 8 * -(-len(cpus) // 128)
+    marks = [((r[0] + r[-1]) / 2, f"CPU {schema.format_cpulist(r)} (isolated)") for r in runs_]
+    for c in cpus:
+        if c % step == 0 and all(abs(c - m) >= gap for m, _ in marks):
+            marks.append((float(c), f"CPU {c}"))
+    marks.sort()
+    return [m for m, _ in marks], [t for _, t in marks]
+
+
 def activity_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
     points = [_activity_points(f) for _, f in runs]
     have = [a for a in points if a is not None]
@@ -689,8 +717,7 @@ def activity_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
             parts.append("".join(out))
             continue
         cpus = a.cpus
-        ticktext = [f"CPU {c} (isolated)" if c in f.isolated_cpus else f"CPU {c}"
-                    for c in cpus.tolist()]
+        tickvals, ticktext = _cpu_ticks(cpus.tolist(), f.isolated_cpus)
         for s, z in g.items():
             n_bins = z.shape[1]
             x_ms = ((a.t_min + (np.arange(n_bins) + 0.5) * width) / 1e6).round(4)
@@ -705,8 +732,7 @@ def activity_section(page: Page, runs: Sequence[tuple[str, Findings]]) -> str:
                                   f"({int(z.sum()):,} in all; bin {fmt_ns(width)})"},
                 "xaxis": {"title": {"text": "time since start (ms)"}},
                 "yaxis": {"title": {"text": "CPU"}, "tickmode": "array",
-                          "tickvals": cpus if len(cpus) <= 32 else None,
-                          "ticktext": ticktext if len(cpus) <= 32 else None,
+                          "tickvals": tickvals, "ticktext": ticktext,
                           "autorange": "reversed"},
                 "shapes": _cpu_axis_shapes(f.isolated_cpus)}
             if len(runs) > 1:
