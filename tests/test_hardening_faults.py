@@ -259,6 +259,15 @@ def _remove_decoys(root: str, names: list[str]) -> None:
                 time.sleep(0.05)
 
 
+def _removed(name: str, output: str, root: str) -> None:
+    if f"removed instance {name}" in output:
+        return
+    # On a shared host another user's `pkstrace record` may have removed it first (a
+    # record cleans up after dead recorders too; seen once): then it must be gone.
+    assert not os.path.exists(f"{root}/instances/{name}"), output
+    print(f"{name} was removed by another recorder before this one ran")
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("cleaner", ["doctor", "record"])
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -295,14 +304,14 @@ def test_sigkill_leftovers_removed_and_nothing_else(backend: str, cleaner: str,
                                text=True, timeout=120)
             assert p.returncode == 0, p.stderr
             for name in left:
-                assert f"removed instance {name}" in p.stdout, p.stdout
+                _removed(name, p.stdout, root)
         else:
             p = subprocess.run([*PKSTRACE, "record", "--backend", "tracefs", "-o",
                                 str(tmp_path / "next.pkstrace"), "-q", "--no-status", "-d",
                                 "0.5"], capture_output=True, text=True, timeout=180)
             assert p.returncode == 0, p.stderr
             for name in left:
-                assert f"removed instance {name}" in p.stderr, p.stderr
+                _removed(name, p.stderr, root)
             tracefile.read_trace(tmp_path / "next.pkstrace")
         now = set(os.listdir(f"{root}/instances"))
         assert not set(left) & now, set(left) & now
