@@ -320,7 +320,10 @@ def test_bcc_batches_follow_each_other_in_time() -> None:
 
 @pytest.mark.parametrize("mode", ["counts", "events"])
 def test_bcc_recursion_misses_are_lost_events(mode: str) -> None:
-    """Runs the kernel skipped (BPF recursion guard) count as lost, under CPU -1."""
+    """Runs the kernel skipped (BPF recursion guard) count as lost, under CPU -1.
+
+    Classic tracepoint programs: the foreign program holds the CPU's one shared guard, which
+    raw tracepoint programs (per-program guard) do not share, so only classic ones miss."""
     need_backend("bcc")
     from workload import cross_cpu_calls, foreign_slow_bpf
 
@@ -329,7 +332,7 @@ def test_bcc_recursion_misses_are_lost_events(mode: str) -> None:
     from pkstrace.backends.symbols import function_names
 
     specs, _ = plan_probes(RecordOptions(), function_names(), False, False)
-    backend = BccBackend(specs, mode=mode)
+    backend = BccBackend(specs, mode=mode, bpf_attach="tp")
     with backend:
         backend.attach()
         with foreign_slow_bpf():
