@@ -272,3 +272,15 @@ def test_bcc_raw_and_classic_side_by_side(require_root, tmp_path):
     epc_raw = raw["bpf_stats"]["run_cnt_per_call_runs"][0]
     epc_tp = tp["bpf_stats"]["run_cnt_per_call_runs"][0]
     assert 0.7 < epc_raw / epc_tp < 1.3, (epc_raw, epc_tp)
+
+
+def test_a_faster_traced_run_decides_no_cost_target() -> None:
+    """A negative slowdown (traced faster than untraced) is not 'met': it is unknown, with why."""
+    from pkstrace.bench.overhead import _target
+
+    faster = _target("x <= bpftrace", -428.1, 108.8, "ns/event", "workload slowdown (median call)")
+    assert faster["met"] is None and "faster" in faster["why_unknown"]
+    below = _target("x <= bpftrace", 50.0, 108.8, "ns/event", "workload slowdown (median call)")
+    assert below["met"] is True and below["margin_pct"] > 0
+    above = _target("x <= bpftrace", 200.0, 108.8, "ns/event", "bpf_stats")
+    assert above["met"] is False and above["missed_by_pct"] > 0
