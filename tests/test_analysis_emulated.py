@@ -49,6 +49,21 @@ def test_lost_updates(case):
     assert int((lu["type"] == "remote_overwrite").sum()) == truth["lost_remote"]
 
 
+def test_stale_hits_are_credited_to_the_update_that_raced():
+    """A stale hit falls inside the walk that stored the new value into the writer's cache
+    and had not yet reached its CPU: that running episode raced, not the previous one."""
+    f = analyse(tracefile.read_trace(FIX / "emulated_v3-race_8cpu.pkstrace"))
+    lu = f.lost_updates[f.lost_updates["type"] == "stale_cache"]
+    assert len(lu) >= 10 and len(f.episodes) == 10
+    assert set(lu["episode"]) == set(range(10))  # every update raced with its writers
+    eps = f.episodes.set_index("episode")
+    assert (lu["episode"] >= 0).all()
+    start = eps.loc[lu["episode"], "start_ns"].to_numpy()
+    end = eps.loc[lu["episode"], "end_ns"].to_numpy()
+    t = lu["time_ns"].to_numpy()
+    assert ((start <= t) & (t <= end)).all()
+
+
 def test_updates_are_episodes(case):
     truth, f, _ = case
     e = f.episodes

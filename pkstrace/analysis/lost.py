@@ -13,8 +13,10 @@ started *before* W: that call read the old cache, then overwrote the update.
 ``cached_value`` = the value of that write_pkrs call, ``msr_value`` = N's value,
 ``expected_value`` = u.
 
-``episode``: the global-update episode that raced (the episode of the last remote
-call to c before the event; for remote_overwrite the call that made W), or -1.
+``episode``: the global-update episode that raced, or -1. For stale_cache, the episode
+running at that moment (a serial walk stores into c's cache, then reaches c's MSR
+later: the writer's stale hit falls between), else the episode of the last remote
+call to c before the event; for remote_overwrite, the episode of the call that made W.
 """
 
 from __future__ import annotations
@@ -33,8 +35,23 @@ from pkstrace.analysis.prep import (
 )
 
 
+def running_episode(t: np.ndarray, episodes: pd.DataFrame | None) -> np.ndarray:
+    """The episode whose [start_ns, end_ns] holds each time (the latest started), else -1."""
+    out = np.full(len(t), -1, np.int64)
+    if episodes is None or len(episodes) == 0 or len(t) == 0:
+        return out
+    order = np.argsort(episodes["start_ns"].to_numpy(), kind="stable")
+    start = episodes["start_ns"].to_numpy()[order]
+    end = episodes["end_ns"].to_numpy()[order]
+    ep = episodes["episode"].to_numpy()[order]
+    k = np.searchsorted(start, t, side="right") - 1
+    inside = (k >= 0) & (t <= end[np.maximum(k, 0)])
+    out[inside] = ep[k[inside]]
+    return out
+
+
 def lost_updates(p: Prepared, wp_rows: np.ndarray, wp_hit: np.ndarray,
-                 calls: pd.DataFrame) -> pd.DataFrame:
+                 calls: pd.DataFrame, episodes: pd.DataFrame | None = None) -> pd.DataFrame:
     empty = pd.DataFrame({c: pd.Series([], dtype=object) for c in LOST_UPDATE_COLUMNS})
     cpu = p.col("cpu")
     ts, val = p.col("ts"), p.col("value")
@@ -59,10 +76,11 @@ def lost_updates(p: Prepared, wp_rows: np.ndarray, wp_hit: np.ndarray,
         h = hits[bad]
         if len(h):
             ep = asof_prev(cpu[h], h, cpu[rem_entry], rem_entry, p.n)
+            running = running_episode(ts[h], episodes)
             parts.append(pd.DataFrame({
                 "time_ns": ts[h], "cpu": cpu[h], "type": "stale_cache",
                 "cached_value": val[h], "msr_value": m[bad], "expected_value": val[h],
-                "episode": take(rem_ep, ep),
+                "episode": np.where(running >= 0, running, take(rem_ep, ep)),
                 "detail": "write_pkrs skipped the MSR write (cache hit) but the MSR held "
                           "another value"}))
 

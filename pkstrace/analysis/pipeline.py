@@ -163,7 +163,7 @@ def analyse(trace: schema.Trace, isolated: list[int] | None = None,
     _lap(tm, "drift", t)
 
     t = clock()
-    f.lost_updates = lost_updates(p, red.wp_rows, red.wp_hit, cc.calls)
+    f.lost_updates = lost_updates(p, red.wp_rows, red.wp_hit, cc.calls, eps)
     _lap(tm, "lost", t)
 
     f.calls = public_calls(cc.calls)
