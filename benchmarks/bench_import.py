@@ -22,7 +22,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -71,12 +70,10 @@ def machine() -> dict:
                           if ln.startswith("model name")), "")
     except OSError:
         pass
-    try:
-        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        rev = "unknown"
     from pkstrace import importers
+    from pkstrace.bench.common import git_revision
+
+    rev = git_revision() or "unknown"
     return {"nproc": os.cpu_count(), "parse_threads": importers.MAX_THREADS,
             "cpu_model": model, "python": platform.python_version(),
             "pyarrow": pyarrow.__version__, "pandas": pandas.__version__,

@@ -40,15 +40,24 @@ def host_facts() -> dict[str, Any]:
 
 
 def git_revision() -> str:
-    """`git describe --always --dirty` of the source tree, or "" outside a checkout."""
+    """Short HEAD of the source tree, "-dirty" when tracked files differ, "" outside a checkout.
+
+    Result files under benchmarks/results/ do not count: `make bench` rewrites them as it
+    goes, which would mark every benchmark after the first as measured on a dirty tree."""
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), *args],
+                             capture_output=True, text=True, timeout=10, check=False)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
     try:
-        out = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
-            capture_output=True, text=True, timeout=10, check=False,
-        )
+        rev = git("rev-parse", "--short", "HEAD")
+        if not rev:
+            return ""
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                      ":(exclude)benchmarks/results")
     except (OSError, subprocess.TimeoutExpired):
         return ""
-    return out.stdout.strip()
+    return rev + ("-dirty" if changed else "")
 
 
 def percentiles(samples: np.ndarray) -> dict[str, float]:
