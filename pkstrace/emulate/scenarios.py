@@ -518,6 +518,14 @@ def drop_events(text: str, names: tuple[str, ...]) -> str:
     return re.sub(rf"^[^\n#][^\n]*? (?:\w+:)?(?:{alt}): [^\n]*(?:\n|$)", "", text, flags=re.M)
 
 
+def sysfs_cpulist(text: str) -> list[int]:
+    """A CPU list file of the guest's sysfs: without nohz_full= the kernel prints "(null)"."""
+    from pkstrace.schema import parse_cpulist
+
+    text = (text or "").strip()
+    return [] if text == "(null)" else parse_cpulist(text)
+
+
 def _write_emulated(output: Path, events_text: str, smeta: dict[str, Any], csd_mode: str,
                     record: dict[str, Any], opts: dict[str, Any], sc: Scenario,
                     bootrec: dict[str, Any], results: dict[str, Any], console_text: str,
@@ -542,10 +550,9 @@ def _write_emulated(output: Path, events_text: str, smeta: dict[str, Any], csd_m
         "kernel": facts.get("kernel", record["kernel"]),
         "cpu_model": facts.get("cpu_model", "QEMU TCG -cpu max"),
         "cpu_flags": facts.get("cpu_flags", []),
-        "online_cpus": (schema.parse_cpulist(facts.get("online", ""))
-                        or list(range(opts["cpus"]))),
-        "isolated_cpus": schema.parse_cpulist(facts.get("isolated", "")) if facts else iso,
-        "nohz_full_cpus": schema.parse_cpulist(facts.get("nohz_full", "")) if facts else iso,
+        "online_cpus": sysfs_cpulist(facts.get("online", "")) or list(range(opts["cpus"])),
+        "isolated_cpus": sysfs_cpulist(facts.get("isolated", "")) if facts else iso,
+        "nohz_full_cpus": sysfs_cpulist(facts.get("nohz_full", "")) if facts else iso,
         "pks": bool(counters.get("pks_cpuid", True)),
         "emulated": True,
         "cmdline": facts.get("cmdline", record["append"]),
