@@ -101,6 +101,14 @@ DRAWN = """() => Array.from(document.querySelectorAll('div.plot')).map(d => ({
 }))"""
 
 
+def report_of(browser: Any, capsys: pytest.CaptureFixture[str], out: Path, *traces: Path,
+              shot: Path | None = None) -> Opened:
+    """`pkstrace report TRACE [TRACE2] -o OUT`, as a user runs it, then the page opened."""
+    rc = cli.main(["report", *map(str, traces), "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    return open_report(browser, out, shot)
+
+
 def assert_all_drawn(o: Opened) -> list[dict[str, Any]]:
     drawn = o.page.evaluate(DRAWN)
     assert drawn, "no figures"
@@ -203,11 +211,8 @@ def test_comparison_renders_side_by_side(browser: Any, synthetic_reports: dict[s
 def test_real_fixture_report_renders(browser: Any, tmp_path: Path,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     """The whole path on a real capture from this host: import, analyse, render, draw."""
-    out = tmp_path / "ftrace.html"
-    rc = cli.main(["report", str(FIXTURES / "ftrace_cpuid_2cpu.txt"),
-                   str(FIXTURES / "perf_script_cpuid_2cpu.txt"), "-o", str(out)])
-    assert rc == 0, capsys.readouterr().err
-    o = open_report(browser, out, tmp_path / "report-fixtures.png")
+    o = report_of(browser, capsys, tmp_path / "ftrace.html", FIXTURES / "ftrace_cpuid_2cpu.txt",
+                  FIXTURES / "perf_script_cpuid_2cpu.txt", shot=tmp_path / "report-fixtures.png")
     assert_clean(o)
     assert_all_drawn(o)
     # The latency view has drawn lines for the real cpuid calls to CPU 1.
@@ -224,10 +229,8 @@ def test_emulated_pks_comparison_renders(browser: Any, tmp_path: Path,
 
     a_path = FIXTURES / "emulated_v3_8cpu.pkstrace"
     b_path = FIXTURES / "emulated_lazy_8cpu.pkstrace"
-    out = tmp_path / "v3-vs-lazy.html"
-    assert cli.main(["report", str(a_path), str(b_path), "-o", str(out)]) == 0, \
-        capsys.readouterr().err
-    o = open_report(browser, out, tmp_path / "report-emulated.png")
+    o = report_of(browser, capsys, tmp_path / "v3-vs-lazy.html", a_path, b_path,
+                  shot=tmp_path / "report-emulated.png")
     assert_clean(o)
     assert_all_drawn(o)
     a, b = analyse(open_trace(a_path)), analyse(open_trace(b_path))
@@ -248,9 +251,7 @@ def test_emulated_lost_updates_table(browser: Any, tmp_path: Path,
     from pkstrace.importers import open_trace
 
     src = FIXTURES / "emulated_v3-race_8cpu.pkstrace"
-    out = tmp_path / "race.html"
-    assert cli.main(["report", str(src), "-o", str(out)]) == 0, capsys.readouterr().err
-    o = open_report(browser, out)
+    o = report_of(browser, capsys, tmp_path / "race.html", src)
     assert_clean(o)
     f = analyse(open_trace(src))
     assert len(f.lost_updates) > 0
@@ -300,10 +301,8 @@ def test_real_recordings_compared_in_numbers(browser: Any, tmp_path: Path,
     from pkstrace.importers import open_trace
 
     a_path, b_path = FIXTURES / "ftrace_cpuid_2cpu.txt", FIXTURES / "perf_script_cpuid_2cpu.txt"
-    out = tmp_path / "two-real.html"
-    assert cli.main(["report", str(a_path), str(b_path), "-o", str(out)]) == 0, \
-        capsys.readouterr().err
-    o = open_report(browser, out, tmp_path / "report-two-real.png")
+    o = report_of(browser, capsys, tmp_path / "two-real.html", a_path, b_path,
+                  shot=tmp_path / "report-two-real.png")
     assert_clean(o)
     assert_all_drawn(o)
     assert_axes_readable(o)
@@ -336,11 +335,8 @@ def test_comparison_heatmaps_share_scales(browser: Any, tmp_path: Path,
     """v3 vs lazy (emulated host, 958 ms vs 392 ms recorded): each heatmap pair has one
     bin width, one time axis and one colour range, so a colour means the same rate on
     both sides; the episodes' stall axis (1.1-3.5 ms) has readable ticks."""
-    out = tmp_path / "v3-vs-lazy.html"
-    assert cli.main(["report", str(FIXTURES / "emulated_v3_8cpu.pkstrace"),
-                     str(FIXTURES / "emulated_lazy_8cpu.pkstrace"), "-o", str(out)]) == 0, \
-        capsys.readouterr().err
-    o = open_report(browser, out)
+    o = report_of(browser, capsys, tmp_path / "v3-vs-lazy.html",
+                  FIXTURES / "emulated_v3_8cpu.pkstrace", FIXTURES / "emulated_lazy_8cpu.pkstrace")
     assert_clean(o)
     figs = assert_axes_readable(o)
     heat = [f for f in figs if f["heat"]]
@@ -396,10 +392,7 @@ def test_tables_sort_with_the_mouse(browser: Any, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     """A click on a header sorts a real trace's table by that column (numbers by value,
     not text: 848 µs after 64 µs), a second click reverses it; text columns sort too."""
-    out = tmp_path / "real.html"
-    assert cli.main(["report", str(FIXTURES / "ftrace_cpuid_2cpu.txt"), "-o", str(out)]) == 0, \
-        capsys.readouterr().err
-    o = open_report(browser, out)
+    o = report_of(browser, capsys, tmp_path / "real.html", FIXTURES / "ftrace_cpuid_2cpu.txt")
     table = o.page.locator("#latency table.sortable").nth(1)  # latency by function
     heads = table.locator("thead th")
     titles = heads.all_inner_texts()
