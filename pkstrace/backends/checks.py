@@ -17,8 +17,9 @@ import os
 import platform
 import shutil
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from pkstrace.backends import hostfacts
 from pkstrace.backends.tracefs import DEFAULT_EVENTS, find_tracefs, leftovers
@@ -85,38 +86,74 @@ def bpf_prog_load(prog_type: int, expected_attach_type: int = 0, attach_btf_id: 
 # BTF kinds -> bytes that follow a btf_type (per vlen where marked).
 _BTF_EXTRA = {1: (4, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8), 13: (0, 8),
               14: (4, 0), 15: (0, 12), 17: (4, 0), 19: (0, 12)}
+BTF_PTR, BTF_STRUCT, BTF_TYPEDEF, BTF_FUNC, BTF_FUNC_PROTO = 2, 4, 8, 12, 13
 
 
-def btf_func_id(name: str, path: str = BTF_VMLINUX) -> int:
-    """BTF type id of the FUNC ``name`` in vmlinux BTF (0 if absent)."""
+class BtfType(NamedTuple):
+    pos: int  # byte offset of its btf_type in the blob (members/params follow it)
+    name_off: int
+    kind: int
+    vlen: int
+    kflag: int
+    size_type: int  # size or referenced type id, by kind
+
+
+def read_btf(path: str = BTF_VMLINUX) -> bytes | None:
+    """A raw BTF blob (vmlinux or a module's split BTF), None if unreadable or not BTF."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError:
-        return 0
+        return None
+    return data if btf_sections(data) else None
+
+
+def btf_sections(data: bytes) -> tuple[bytes, int, int] | None:
+    """(string section, start and end of the type section) of a BTF blob, None if not BTF."""
+    if len(data) < 24:
+        return None
     magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from(
         "<HBBIIIII", data, 0)
     if magic != 0xEB9F:
-        return 0
-    strs = data[hdr_len + str_off: hdr_len + str_off + str_len]
-    pos = strs.find(b"\0" + name.encode() + b"\0")
-    if pos < 0:
-        return 0
-    want = pos + 1
-    p, end, tid = hdr_len + type_off, hdr_len + type_off + type_len, 0
+        return None
+    return (data[hdr_len + str_off: hdr_len + str_off + str_len],
+            hdr_len + type_off, hdr_len + type_off + type_len)
+
+
+def btf_types(data: bytes) -> Iterator[BtfType]:
+    """Every type of a BTF blob in id order (the first is id 1, or base count + 1 in split
+    BTF)."""
+    sections = btf_sections(data)
+    if sections is None:
+        return
+    _, p, end = sections
     unpack = struct.unpack_from
     while p < end:
-        tid += 1
-        name_off, info, _ = unpack("<III", data, p)
+        name_off, info, size_type = unpack("<III", data, p)
         kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-        if kind == 12 and name_off == want:
-            return tid
+        yield BtfType(p, name_off, kind, vlen, info >> 31, size_type)
         fixed, per = _BTF_EXTRA.get(kind, (0, 0))
         p += 12 + fixed + per * vlen
+
+
+def btf_name_offset(strs: bytes, name: str) -> int:
+    """Offset of ``name`` in a BTF string section, -1 if absent."""
+    pos = strs.find(b"\0" + name.encode() + b"\0")
+    return pos + 1 if pos >= 0 else -1
+
+
+def btf_func_id(name: str, path: str = BTF_VMLINUX) -> int:
+    """BTF type id of the FUNC ``name`` in vmlinux BTF (0 if absent)."""
+    data = read_btf(path)
+    if data is None:
+        return 0
+    want = btf_name_offset(btf_sections(data)[0], name)
+    if want < 0:
+        return 0
+    for tid, t in enumerate(btf_types(data), 1):
+        if t.kind == BTF_FUNC and t.name_off == want:
+            return tid
     return 0
-
-
-BTF_STRUCT, BTF_TYPEDEF, BTF_PTR, BTF_FUNC_PROTO = 4, 8, 2, 13
 
 
 @dataclass(frozen=True)
@@ -135,58 +172,37 @@ def btf_facts(members: tuple[str, ...] = ("pid", "comm", "exit_state"),
     tracepoint (its ``btf_trace_<name>`` typedef: a pointer to a function whose
     first parameter is the BPF context) in vmlinux BTF; None without BTF.
     A member or tracepoint that is absent is left out."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
+    data = read_btf(path)
+    if data is None:
         return None
-    unpack = struct.unpack_from
-    magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = unpack(
-        "<HBBIIIII", data, 0)
-    if magic != 0xEB9F:
-        return None
-    strs = data[hdr_len + str_off: hdr_len + str_off + str_len]
+    strs = btf_sections(data)[0]
 
     def name_at(off: int) -> bytes:
         return strs[off:strs.index(b"\0", off)]
 
-    def offset_of(name: str) -> int:
-        pos = strs.find(b"\0" + name.encode() + b"\0")
-        return pos + 1 if pos >= 0 else -1
-
-    want_struct = offset_of("task_struct")
-    want_typedefs = {offset_of(f"btf_trace_{t}"): t for t in tracepoints}
+    want_struct = btf_name_offset(strs, "task_struct")
+    want_typedefs = {btf_name_offset(strs, f"btf_trace_{t}"): t for t in tracepoints}
     want_typedefs.pop(-1, None)
-    starts = [0]  # type id -> position (id 0 is void)
+    types = [BtfType(0, 0, 0, 0, 0, 0), *btf_types(data)]  # index = type id (0 is void)
     offsets: dict[str, int] = {}
     typedefs: dict[str, int] = {}  # tracepoint -> the typedef's target type id
-    p, end = hdr_len + type_off, hdr_len + type_off + type_len
-    while p < end:
-        starts.append(p)
-        name_off, info, size_type = unpack("<III", data, p)
-        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-        if kind == BTF_STRUCT and name_off == want_struct and vlen and not offsets:
-            kflag = info >> 31
-            for k in range(vlen):
-                m_name, _m_type, m_off = unpack("<III", data, p + 12 + 12 * k)
+    for t in types:
+        if t.kind == BTF_STRUCT and t.name_off == want_struct and t.vlen and not offsets:
+            for k in range(t.vlen):
+                m_name, _m_type, m_off = struct.unpack_from("<III", data, t.pos + 12 + 12 * k)
                 label = name_at(m_name).decode(errors="replace")
                 if label in members:
-                    bits = m_off & 0xFFFFFF if kflag else m_off
-                    offsets[label] = bits // 8
-        elif kind == BTF_TYPEDEF and name_off in want_typedefs:
-            typedefs[want_typedefs[name_off]] = size_type
-        fixed, per = _BTF_EXTRA.get(kind, (0, 0))
-        p += 12 + fixed + per * vlen
+                    offsets[label] = (m_off & 0xFFFFFF if t.kflag else m_off) // 8
+        elif t.kind == BTF_TYPEDEF and t.name_off in want_typedefs:
+            typedefs[want_typedefs[t.name_off]] = t.size_type
     nargs: dict[str, int] = {}
     for tp, tid in typedefs.items():
-        if not 0 < tid < len(starts):
+        ptr = types[tid] if 0 < tid < len(types) else None
+        if ptr is None or ptr.kind != BTF_PTR or not 0 < ptr.size_type < len(types):
             continue
-        _, info, target = unpack("<III", data, starts[tid])
-        if (info >> 24) & 0x1F != BTF_PTR or not 0 < target < len(starts):
-            continue
-        _, info, _ = unpack("<III", data, starts[target])
-        if (info >> 24) & 0x1F == BTF_FUNC_PROTO:
-            nargs[tp] = (info & 0xFFFF) - 1  # less the context pointer
+        proto = types[ptr.size_type]
+        if proto.kind == BTF_FUNC_PROTO:
+            nargs[tp] = proto.vlen - 1  # less the context pointer
     return BtfFacts(offsets, nargs)
 
 

@@ -23,20 +23,23 @@ import struct
 from dataclasses import dataclass
 
 from pkstrace.backends.checks import (
-    _BTF_EXTRA,
     BPF_PROG_LOAD,
     BPF_PROG_TYPE_TRACING,
     BPF_TRACE_FENTRY,
+    BTF_FUNC,
     BTF_VMLINUX,
     SYS_BPF,
     btf_func_id,
+    btf_name_offset,
+    btf_sections,
+    btf_types,
+    read_btf,
 )
 
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_RAW_TRACEPOINT_OPEN = 17
 BPF_BTF_GET_FD_BY_ID = 19
 BPF_BTF_GET_NEXT_ID = 23
-BTF_KIND_FUNC = 12
 BTF_DIR = "/sys/kernel/btf"
 LOG_BYTES = 1 << 16  # verifier log, asked for only after a failed load
 
@@ -74,57 +77,20 @@ def _bpf(cmd: int, attr: ctypes.Array) -> int:
     return ret
 
 
-def _btf_header(data: bytes) -> tuple[int, int, int, int, int]:
-    """(hdr_len, type_off, type_len, str_off, str_len) of a raw BTF blob."""
-    magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from(
-        "<HBBIIIII", data, 0)
-    if magic != 0xEB9F:
-        raise FentryError("not a BTF blob")
-    return hdr_len, type_off, type_len, str_off, str_len
-
-
-def _btf_count(data: bytes) -> int:
-    """Number of types in a BTF blob (walks the type section)."""
-    hdr_len, type_off, type_len, _, _ = _btf_header(data)
-    p, end, n = hdr_len + type_off, hdr_len + type_off + type_len, 0
-    unpack = struct.unpack_from
-    while p < end:
-        _, info, _ = unpack("<III", data, p)
-        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-        fixed, per = _BTF_EXTRA.get(kind, (0, 0))
-        p += 12 + fixed + per * vlen
-        n += 1
-    return n
-
-
 def module_btf_func_id(name: str, module: str) -> int:
     """Type id of FUNC ``name`` in a module's split BTF (ids and string offsets
     continue those of vmlinux BTF); 0 if absent."""
-    try:
-        with open(BTF_VMLINUX, "rb") as f:
-            base = f.read()
-        with open(f"{BTF_DIR}/{module}", "rb") as f:
-            data = f.read()
-    except OSError:
+    base, data = read_btf(BTF_VMLINUX), read_btf(f"{BTF_DIR}/{module}")
+    if base is None or data is None:
         return 0
-    base_types = _btf_count(base)
-    base_strs = _btf_header(base)[4]
-    hdr_len, type_off, type_len, str_off, str_len = _btf_header(data)
-    strs = data[hdr_len + str_off: hdr_len + str_off + str_len]
-    pos = strs.find(b"\0" + name.encode() + b"\0")
+    pos = btf_name_offset(btf_sections(data)[0], name)
     if pos < 0:
         return 0
-    want = base_strs + pos + 1
-    p, end, tid = hdr_len + type_off, hdr_len + type_off + type_len, base_types
-    unpack = struct.unpack_from
-    while p < end:
-        tid += 1
-        name_off, info, _ = unpack("<III", data, p)
-        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-        if kind == BTF_KIND_FUNC and name_off == want:
+    want = len(btf_sections(base)[0]) + pos
+    base_types = sum(1 for _ in btf_types(base))
+    for tid, t in enumerate(btf_types(data), base_types + 1):
+        if t.kind == BTF_FUNC and t.name_off == want:
             return tid
-        fixed, per = _BTF_EXTRA.get(kind, (0, 0))
-        p += 12 + fixed + per * vlen
     return 0
 
 
