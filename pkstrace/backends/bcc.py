@@ -87,6 +87,7 @@ from pkstrace.backends.base import (
     Backend,
     ProbeResult,
     ProbeSpec,
+    kernel_version,
     quiet_stderr,
 )
 from pkstrace.backends.symbols import kernel_symbols
@@ -169,11 +170,8 @@ def _cond(var: str, values: Sequence[int]) -> str:
 
 
 def _kernel_at_least(major: int, minor: int) -> bool:
-    try:
-        have = tuple(int(x) for x in platform.release().split("-")[0].split(".")[:2])
-    except ValueError:
-        return True
-    return have >= (major, minor)
+    have = kernel_version(platform.release())
+    return have == (0, 0) or have >= (major, minor)  # unreadable: assume a new kernel
 
 
 def kernel_has_ringbuf() -> bool:
@@ -1169,7 +1167,8 @@ class BccBackend(Backend):
             "mode": "both" if self.want_events and self.want_counts else self.mode,
             # How each tracepoint attached (--bpf-attach): raw tracepoints, and
             # the classic ones with why they are not raw.
-            "attach": {"requested": self.attach_mode, "choice": self.attach_why,
+            "attach": {"requested": self.attach_requested, "mode": self.attach_mode,
+                       "choice": self.attach_why,
                        "raw": sorted(self.raw), "write_msr_twin": self.twin,
                        "classic": {n: self.classic_why.get(n, "")
                                    for n in sorted({p.name for p in self.probes
