@@ -267,13 +267,13 @@ class PerfBackend(Backend):
                 # (__get_cpumask); the fields pkstrace reads decode fine.
                 with quiet_stderr():
                     self._read_source(src, sample_cls, lost_cls, first_only=True)
-        left = budget or -1
+        left = budget or float("inf")
         rings = [(src, cpu) for src in self.sources for cpu in src.cpus]
-        while rings and left:
+        while rings and left > 0:
             more = []  # rings that gave a whole chunk: maybe not empty yet
             for src, cpu in rings:
                 evl, fields, rows = src.evlist, src.fields, src.rows
-                n, chunk = 0, min(READ_CHUNK, left) if budget else READ_CHUNK
+                n, chunk = 0, int(min(READ_CHUNK, left))
                 while n < chunk:
                     e = evl.read_on_cpu(cpu)
                     if e is None:
@@ -290,8 +290,8 @@ class PerfBackend(Backend):
                         self.throttled[cpu] = self.throttled.get(cpu, 0) + 1
                 if n == chunk:
                     more.append((src, cpu))
-                left = max(left - n, 0) if budget else -1
-                if not left:
+                left -= n
+                if left <= 0:
                     break
             rings = more
         frames = []
